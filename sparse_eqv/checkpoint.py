@@ -1,0 +1,46 @@
+"""Model directories: `config.json` plus orbax-saved variables.
+
+    MODEL_DIR/config.json     architecture, element table, dtype, source file
+    MODEL_DIR/variables/      orbax PyTree: {"params": ..., "constants": ...}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from sparse_eqv.atomic_write import atomic_directory
+from sparse_eqv.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+VARIABLES_DIR = "variables"
+
+
+def save_model(directory: str | Path, config: dict[str, Any], variables: Any, *, overwrite: bool = False) -> Path:
+    """Write a model directory atomically; returns its path."""
+    variables = _to_numpy(variables)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+        ocp.PyTreeCheckpointer().save((tmp / VARIABLES_DIR).absolute(), variables)
+    return Path(directory)
+
+
+def load_model(directory: str | Path) -> tuple[dict[str, Any], Any]:
+    """Read (config, variables) from a model directory."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE}); make one with `sparse-eqv convert`")
+    config = json.loads(config_path.read_text())
+    variables = ocp.PyTreeCheckpointer().restore((directory / VARIABLES_DIR).absolute())
+    return config, variables
+
+
+def _to_numpy(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.map(np.asarray, tree)

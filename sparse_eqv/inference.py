@@ -1,0 +1,91 @@
+"""Batched, jitted prediction over lists of frames with bounded recompilation."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+
+from sparse_eqv.data.frames import Frame
+from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
+from sparse_eqv.models import build_model
+from sparse_eqv.potential import energy_forces_stress
+
+
+def _dtype(config: dict[str, Any]):
+    return jnp.float64 if config.get("dtype", "float64") == "float64" else jnp.float32
+
+
+def cast_floats(tree: Any, dtype) -> Any:
+    """Cast every floating leaf of a pytree (graph or variables) to `dtype`."""
+    return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else x, tree)
+
+
+def frame_batches(frames: Sequence[Frame], max_atoms: int) -> Iterator[list[int]]:
+    """Consecutive frame indices, grouped so each batch holds <= max_atoms atoms
+    (a larger single frame forms a batch of its own)."""
+    batch, atoms = [], 0
+    for index, frame in enumerate(frames):
+        if batch and atoms + frame.num_atoms > max_atoms:
+            yield batch
+            batch, atoms = [], 0
+        batch.append(index)
+        atoms += frame.num_atoms
+    if batch:
+        yield batch
+
+
+class Predictor:
+    """A converted (or fine-tuned) model ready to predict energies, forces, stress.
+
+    Attributes:
+        config: the model directory's config.
+        variables: {"params", "constants"} in the model's dtype.
+        budgets: the padding budgets seen so far (one compilation each).
+    """
+
+    def __init__(self, config: dict[str, Any], variables: Any):
+        self.config = config
+        self.dtype = _dtype(config)
+        self.module = build_model(config)
+        self.variables = cast_floats(variables, self.dtype)
+        self.budgets: set[GraphBudget] = set()
+        self._predict = jax.jit(lambda variables, graph: energy_forces_stress(self.module.apply, variables, graph))
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.config["r_max"])
+
+    @property
+    def atomic_numbers(self) -> list[int]:
+        return list(self.config["atomic_numbers"])
+
+    def graph(self, frame: Frame) -> jraph.GraphsTuple:
+        return frame_to_graph(frame, self.atomic_numbers, self.cutoff)
+
+    def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, np.ndarray]:
+        """Predictions for a padded batch, as numpy arrays (padding included)."""
+        self.budgets.add(GraphBudget(int(graph.n_node.sum()), int(graph.n_edge.sum()), len(graph.n_node)))
+        out = self._predict(self.variables, cast_floats(graph, self.dtype))
+        return jax.tree.map(np.asarray, out)
+
+    def predict(self, frames: Sequence[Frame], max_atoms: int = 1024, progress: Iterable | None = None) -> list[dict[str, np.ndarray]]:
+        """Per-frame dicts: energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (periodic only)."""
+        results: list[dict[str, np.ndarray]] = []
+        for indices in frame_batches(frames, max_atoms):
+            graphs = [self.graph(frames[i]) for i in indices]
+            out = self.predict_graph(batch_graphs(graphs))
+            offset = 0
+            for g, i in enumerate(indices):
+                n = frames[i].num_atoms
+                result = {"energy": float(out["energy"][g]), "forces": out["forces"][offset : offset + n]}
+                if frames[i].periodic:
+                    result["stress"] = out["stress"][g]
+                results.append(result)
+                offset += n
+            if progress is not None:
+                progress.update(len(indices))
+        return results

@@ -1,0 +1,33 @@
+"""One entry point for every checkpoint kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from weights_convert.detect import detect_kind
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A path as given, or the bundled SevenNet checkpoint a name like `7net-0` stands for."""
+    path = Path(name)
+    if not path.exists() and str(name).lower().startswith("7net"):
+        from weights_convert.sevenn import resolve_bundled
+
+        bundled = resolve_bundled(str(name))
+        if bundled is not None:
+            return bundled
+    return path
+
+
+def convert(checkpoint: str | Path, *, dtype: str = "float64", head: str | None = None, trust: bool = False) -> tuple[dict[str, Any], Any]:
+    """(config, variables) of the Flax model that reproduces `checkpoint`."""
+    path = resolve_checkpoint(checkpoint)
+    kind = detect_kind(path)
+    if kind == "mace":
+        from weights_convert import mace as converter
+    elif kind == "sevenn":
+        from weights_convert import sevenn as converter
+    else:
+        from weights_convert import nequip as converter
+    return converter.convert(path, dtype=dtype, head=head, trust=trust)

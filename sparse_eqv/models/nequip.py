@@ -1,0 +1,567 @@
+"""NequIP-family message passing (nequip 0.19.1 and SevenNet 0.13) as a Flax module.
+
+One module reproduces both packages; the config says which variant each
+piece follows. Per interaction layer (e3nn conventions throughout):
+
+    sc   = self-connection(x)            e3nn Linear (SevenNet "linear") or
+                                         FullyConnectedTensorProduct(x, node attrs)
+    x    = Linear_1(x)
+    x    = x * pre_norm[type_j]          nequip: 1/sqrt(avg_num_neighbors) on the
+                                         sender's features, before the sum
+    m_ij = TP_uvu(x_j, Y(r_ij); R(|r_ij|))   weights from a radial MLP
+    x_i  = sum_j m_ij / post_norm        SevenNet: the checkpoint's `denominator`
+    x    = Linear_2(x) + sc
+    x    = Gate(x)                       (+ x_old for a nequip resnet layer)
+
+then a scalar readout, per-type scale and shift, and (nequip) a ZBL pair term.
+Edge e points from sender j (neighbour) to receiver i (centre) and carries
+r_j - r_i: SevenNet and nequip both gather x[edge_index[1]] onto
+edge_index[0] with edge vectors pos[edge_index[1]] - pos[edge_index[0]],
+so receivers = edge_index[0] and the vector sign is the same as theirs.
+
+Irreps are kept as tuples of (mul, l, p) and sorted the way e3nn (torch)
+sorts them, i.e. by the tuple (l, p), so 0o comes before 0e. e3nn-jax sorts
+0e first; its `Irreps.sort` is therefore not used. Features are flat arrays
+(N, irreps dim) laid out exactly as the torch package lays them out, so every
+parameter leaf maps to one slice of one torch tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import e3nn_jax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_eqv.errors import UnsupportedModelError
+
+Irreps = tuple[tuple[int, int, int], ...]  # ((mul, l, p), ...), p = +1 even / -1 odd
+
+# ---------------------------------------------------------------- irreps helpers
+
+
+def parse_irreps(text: str) -> Irreps:
+    """'128x0e+64x1o' -> ((128, 0, 1), (64, 1, -1)); order kept, nothing merged."""
+    out = []
+    for term in text.replace(" ", "").split("+"):
+        if not term:
+            continue
+        mul, ir = term.split("x") if "x" in term else ("1", term)
+        out.append((int(mul), int(ir[:-1]), {"e": 1, "o": -1}[ir[-1]]))
+    return tuple(out)
+
+
+def irreps_str(irreps: Irreps) -> str:
+    return "+".join(f"{m}x{l}{'e' if p == 1 else 'o'}" for m, l, p in irreps)
+
+
+def irreps_dim(irreps: Irreps) -> int:
+    return sum(m * (2 * l + 1) for m, l, _ in irreps)
+
+
+def sort_irreps(irreps: Irreps) -> tuple[Irreps, tuple[int, ...]]:
+    """e3nn (torch) `Irreps.sort`: stable sort on (l, p); returns (sorted, p) with p[old] = new."""
+    order = sorted(range(len(irreps)), key=lambda i: ((irreps[i][1], irreps[i][2]), i, irreps[i][0]))
+    perm = [0] * len(irreps)
+    for new, old in enumerate(order):
+        perm[old] = new
+    return tuple(irreps[i] for i in order), tuple(perm)
+
+
+def simplify_irreps(irreps: Irreps) -> Irreps:
+    """Merge neighbouring chunks of the same irrep (e3nn `simplify`: no sorting)."""
+    out: list[list[int]] = []
+    for m, l, p in irreps:
+        if out and (out[-1][1], out[-1][2]) == (l, p):
+            out[-1][0] += m
+        elif m > 0:
+            out.append([m, l, p])
+    return tuple(tuple(x) for x in out)
+
+
+def ir_product(l1: int, p1: int, l2: int, p2: int) -> list[tuple[int, int]]:
+    """Irreps in l1 x l2, in e3nn's order (increasing l)."""
+    return [(l, p1 * p2) for l in range(abs(l1 - l2), l1 + l2 + 1)]
+
+
+def chunks(x: jax.Array, irreps: Irreps) -> list[jax.Array]:
+    """Split a flat (N, dim) array into per-chunk (N, mul, 2l+1) views."""
+    out, start = [], 0
+    for m, l, _ in irreps:
+        d = 2 * l + 1
+        out.append(x[:, start : start + m * d].reshape(x.shape[0], m, d))
+        start += m * d
+    return out
+
+
+def flat(blocks: Sequence[jax.Array]) -> jax.Array:
+    return jnp.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
+
+
+def conv_instructions(
+    irreps_in: Irreps, irreps_sh: Irreps, irreps_out: Irreps, sort_by_output: bool
+) -> tuple[list[tuple[int, int, int]], Irreps]:
+    """The 'uvu' convolution paths of nequip's InteractionBlock / SevenNet's IrrepsConvolution.
+
+    Every (x chunk, Y chunk, product irrep in irreps_out) gets its own output
+    chunk; the chunks are then sorted (e3nn order). SevenNet >= 0.11 also sorts
+    the instructions by output chunk (its weight columns follow that order);
+    nequip keeps them in construction order.
+
+    Returns:
+        instructions [(i_x, i_sh, i_mid)] in weight-column order, irreps_mid.
+    """
+    allowed = {(l, p) for _, l, p in irreps_out}
+    mid, ins = [], []
+    for i, (m, l1, p1) in enumerate(irreps_in):
+        for j, (_, l2, p2) in enumerate(irreps_sh):
+            for ir in ir_product(l1, p1, l2, p2):
+                if ir in allowed:
+                    ins.append((i, j, len(mid)))
+                    mid.append((m, *ir))
+    mid_sorted, perm = sort_irreps(tuple(mid))
+    ins = [(i, j, perm[k]) for i, j, k in ins]
+    if sort_by_output:
+        ins = sorted(ins, key=lambda t: t[2])
+    return ins, mid_sorted
+
+
+# ------------------------------------------------------------------ activations
+
+_ACTS = {
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "abs": jnp.abs,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "ssp": lambda x: jax.nn.softplus(x) - math.log(2.0),
+}
+# parity of the function: +1 even, -1 odd, 0 neither (e3nn Activation's test)
+_ACT_PARITY = {"silu": 0, "tanh": -1, "abs": 1, "sigmoid": 0, "relu": 0, "ssp": 0}
+
+
+def activation(name: str):
+    if name not in _ACTS:
+        raise UnsupportedModelError(f"activation {name!r} is not implemented (known: {', '.join(_ACTS)})")
+    return _ACTS[name]
+
+
+def second_moment_scale(name: str) -> float:
+    """Gauss-Hermite estimate of e3nn's `normalize2mom` constant <f(z)^2>^-1/2.
+
+    Only the initial value of the constant: e3nn estimates it by Monte Carlo
+    (1e6 samples, seed 0), so converters overwrite it with the torch value.
+    """
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    with jax.ensure_compile_time_eval():
+        f = np.asarray(activation(name)(jnp.asarray(z)), dtype=np.float64)
+    c = float((w @ f**2 / np.sqrt(2 * np.pi)) ** -0.5)
+    return 1.0 if abs(c - 1.0) < 1e-4 else c
+
+
+def act_output_parity(name: str, p_in: int) -> int:
+    """Parity of act(x) for a scalar of parity p_in (e3nn Activation rules)."""
+    if p_in == 1:
+        return 1
+    parity = _ACT_PARITY[name]
+    if parity == 0:
+        raise UnsupportedModelError(f"activation {name!r} has no parity and cannot act on odd scalars")
+    return 1 if parity == 1 else -1
+
+
+# --------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+    """e3nn Gate: act(scalars) + act(gates) * gated, acts given per chunk."""
+
+    scalars: str
+    act_scalars: tuple[str, ...]
+    gates: str
+    act_gates: tuple[str, ...]
+    gated: str
+
+    def layout(self) -> tuple[Irreps, Irreps, list[tuple[int, int]], Irreps]:
+        """The gate's input and output irreps.
+
+        As e3nn's `_Sortcut`: scalars, gates and gated are each simplified,
+        concatenated and sorted; the input irreps are that list simplified.
+
+        Returns:
+            irreps_in (sorted, simplified), the sorted chunk list before
+            simplifying, for each of its chunks (group 0/1/2, index in group),
+            irreps_out = act(scalars) + gated * act(gates).
+        """
+        groups = [simplify_irreps(parse_irreps(s)) for s in (self.scalars, self.gates, self.gated)]
+        cat = tuple(c for g in groups for c in g)
+        owner = [(gi, k) for gi, g in enumerate(groups) for k in range(len(g))]
+        sorted_cat, perm = sort_irreps(cat)
+        order: list[tuple[int, int]] = [(0, 0)] * len(cat)
+        for old, new in enumerate(perm):
+            order[new] = owner[old]
+        scalars, gates, gated = groups
+        if len(self.act_scalars) != len(scalars) or len(self.act_gates) != len(gates):
+            raise UnsupportedModelError(f"gate {self}: one activation per (simplified) scalar and gate chunk")
+        if sum(m for m, _, _ in gates) != sum(m for m, _, _ in gated):
+            raise UnsupportedModelError(f"gate: {self.gates} gates do not match gated irreps {self.gated}")
+        out = [(m, 0, act_output_parity(a, p)) for (m, _, p), a in zip(scalars, self.act_scalars)]
+        # ElementwiseTensorProduct(gated, gates): split at both chunkings
+        gate_parity = [act_output_parity(a, p) for (_, _, p), a in zip(gates, self.act_gates)]
+        gated_ends, gate_ends = np.cumsum([m for m, _, _ in gated]), np.cumsum([m for m, _, _ in gates])
+        bounds = sorted({0, *gated_ends.tolist(), *gate_ends.tolist()})
+        for a, b in zip(bounds, bounds[1:]):
+            _, l, p = gated[int(np.searchsorted(gated_ends, a, side="right"))]
+            gp = gate_parity[int(np.searchsorted(gate_ends, a, side="right"))]
+            out.append((b - a, l, p * gp))
+        return simplify_irreps(sorted_cat), sorted_cat, order, tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPSpec:
+    """Dense layers x @ (W_k * alpha_k), act(x) * act_scale between layers.
+
+    kind "e3nn": e3nn FullyConnectedNet (alpha = 1/sqrt(h_in), act scaled by
+    normalize2mom); "nequip": nequip ScalarMLPFunction with forward weight init
+    (alpha = gain/sqrt(h_in), gain sqrt(2) after the first layer when there is
+    a nonlinearity); "linear": stacked e3nn Linear 0e->0e layers (no act).
+    """
+
+    dims: tuple[int, ...]
+    kind: str
+    act: str | None
+
+    def alphas(self) -> list[float]:
+        out = []
+        for k, h_in in enumerate(self.dims[:-1]):
+            gain = math.sqrt(2.0) if (self.kind == "nequip" and self.act is not None and k > 0) else 1.0
+            out.append(gain / math.sqrt(h_in))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    irreps_in: str
+    gate: GateSpec
+    radial: MLPSpec
+    self_connection: str  # "linear" | "tensor_product" | "none"
+    sort_instructions: bool
+    resnet: bool = False
+
+
+# --------------------------------------------------------------- flax modules
+
+
+class E3Linear(nn.Module):
+    """e3nn `o3.Linear` without biases: leaf w[i_in,i_out] (mul_in, mul_out) per path.
+
+    out_j = sum_i x_i @ w[i,j] / sqrt(sum_i mul_i), over i with the irrep of j.
+    """
+
+    irreps_in: str
+    irreps_out: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        irr_in, irr_out = parse_irreps(self.irreps_in), parse_irreps(self.irreps_out)
+        xs = chunks(x, irr_in)
+        outs = []
+        for j, (mo, lo, po) in enumerate(irr_out):
+            paths = [i for i, (_, l, p) in enumerate(irr_in) if (l, p) == (lo, po)]
+            fan_in = sum(irr_in[i][0] for i in paths)
+            acc = jnp.zeros((x.shape[0], mo, 2 * lo + 1), x.dtype)
+            for i in paths:
+                w = self.param(f"w[{i},{j}]", nn.initializers.normal(1.0), (irr_in[i][0], mo), x.dtype)
+                acc = acc + jnp.einsum("nui,uw->nwi", xs[i], w) / math.sqrt(fan_in)
+            outs.append(acc)
+        return flat(outs)
+
+
+class ScalarTensorProduct(nn.Module):
+    """e3nn `FullyConnectedTensorProduct(x, s -> out)` with s scalar (0e) node attributes.
+
+    Leaf w[i_x,0,i_out] (mul_x, n_attr, mul_out) per path; path normalisation
+    'element': out_j = sum_i einsum(x_i, s, w) / sqrt(sum_i mul_i * n_attr).
+    """
+
+    irreps_in: str
+    irreps_out: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, attrs: jax.Array) -> jax.Array:
+        irr_in, irr_out = parse_irreps(self.irreps_in), parse_irreps(self.irreps_out)
+        xs = chunks(x, irr_in)
+        n_attr = attrs.shape[1]
+        outs = []
+        for j, (mo, lo, po) in enumerate(irr_out):
+            paths = [i for i, (_, l, p) in enumerate(irr_in) if (l, p) == (lo, po)]
+            fan_in = sum(irr_in[i][0] * n_attr for i in paths)
+            acc = jnp.zeros((x.shape[0], mo, 2 * lo + 1), x.dtype)
+            for i in paths:
+                w = self.param(f"w[{i},0,{j}]", nn.initializers.normal(1.0), (irr_in[i][0], n_attr, mo), x.dtype)
+                acc = acc + jnp.einsum("nui,nv,uvw->nwi", xs[i], attrs, w) / math.sqrt(fan_in)
+            outs.append(acc)
+        return flat(outs)
+
+
+class MLP(nn.Module):
+    """Dense stack of `MLPSpec`; leaves layer{k} (h_in, h_out) as in torch."""
+
+    spec: MLPSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        alphas = self.spec.alphas()
+        n = len(alphas)
+        if self.spec.act is not None:
+            act = activation(self.spec.act)
+            if self.spec.kind == "e3nn":
+                scale = self.variable(
+                    "constants", "act_scale", lambda: jnp.asarray(second_moment_scale(self.spec.act), x.dtype)
+                ).value
+            else:
+                scale = 1.0
+        for k in range(n):
+            w = self.param(f"layer{k}", nn.initializers.normal(1.0), (self.spec.dims[k], self.spec.dims[k + 1]), x.dtype)
+            x = x @ (w * alphas[k])
+            if k < n - 1 and self.spec.act is not None:
+                x = act(x) * scale
+        return x
+
+
+class Gate(nn.Module):
+    """e3nn `nn.Gate`: scalars -> act, gated irreps times act(gates)."""
+
+    spec: GateSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _, sorted_chunks, order, _ = self.spec.layout()
+        sizes = [len(simplify_irreps(parse_irreps(t))) for t in (self.spec.scalars, self.spec.gates, self.spec.gated)]
+        groups: list[list[Any]] = [[None] * n for n in sizes]
+        for block, (g, k) in zip(chunks(x, sorted_chunks), order):
+            groups[g][k] = block
+        scalars, gates, gated = groups
+        scales = {}
+        for name in set(self.spec.act_scalars) | set(self.spec.act_gates):
+            scales[name] = self.variable(
+                "constants", f"act_scale_{name}", lambda n=name: jnp.asarray(second_moment_scale(n), x.dtype)
+            ).value
+        out = [activation(a)(s) * scales[a] for s, a in zip(scalars, self.spec.act_scalars)]
+        g = [activation(a)(b[..., 0]) * scales[a] for b, a in zip(gates, self.spec.act_gates)]
+        g = jnp.concatenate(g, axis=1) if g else jnp.zeros((x.shape[0], 0), x.dtype)
+        start = 0
+        for b in gated:
+            out.append(b * g[:, start : start + b.shape[1], None])
+            start += b.shape[1]
+        return flat(out) if out else jnp.zeros((x.shape[0], 0), x.dtype)
+
+
+class Interaction(nn.Module):
+    """One convolution layer (see the module docstring)."""
+
+    spec: LayerSpec
+    irreps_sh: str
+    num_types: int
+
+    @nn.compact
+    def __call__(self, x, node_attrs, species, sh, radial_basis, senders, receivers):
+        spec = self.spec
+        irr_in, irr_sh = parse_irreps(spec.irreps_in), parse_irreps(self.irreps_sh)
+        gate_in = spec.gate.layout()[0]
+        n_node = x.shape[0]
+        old_x = x
+
+        if spec.self_connection == "linear":
+            sc = E3Linear(spec.irreps_in, irreps_str(gate_in), name="self_connection")(x)
+        elif spec.self_connection == "tensor_product":
+            sc = ScalarTensorProduct(spec.irreps_in, irreps_str(gate_in), name="self_connection")(x, node_attrs)
+        else:
+            sc = None
+
+        x = E3Linear(spec.irreps_in, spec.irreps_in, name="linear_1")(x)
+        pre_norm = self.variable("constants", "pre_norm", lambda: jnp.ones((self.num_types,), x.dtype)).value
+        x = x * pre_norm[species][:, None]
+
+        instructions, irr_mid = conv_instructions(irr_in, irr_sh, gate_in, spec.sort_instructions)
+        n_weights = sum(irr_in[i][0] for i, _, _ in instructions)
+        weights = MLP(
+            dataclasses.replace(spec.radial, dims=spec.radial.dims + (n_weights,)), name="radial"
+        )(radial_basis)
+        x_j = chunks(x[senders], irr_in)
+        y = chunks(sh, irr_sh)
+        mid: list[Any] = [None] * len(irr_mid)
+        offset = 0
+        for i, j, k in instructions:
+            m, l1, _ = irr_in[i]
+            l2, l3 = irr_sh[j][1], irr_mid[k][1]
+            cg = self.variable(
+                "constants", f"cg_{l1}_{l2}_{l3}", lambda a=l1, b=l2, c=l3: jnp.asarray(e3nn_jax.clebsch_gordan(a, b, c), x.dtype)
+            ).value
+            w = weights[:, offset : offset + m]
+            offset += m
+            # e3nn 'uvu', path normalisation 'element', one path per output chunk
+            coef = math.sqrt(2 * l3 + 1)
+            mid[k] = coef * jnp.einsum("eu,eui,ej,ijk->euk", w, x_j[i], y[j][:, 0, :], cg)
+        messages = flat(mid)
+        x = jax.ops.segment_sum(messages, receivers, num_segments=n_node)
+        post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value
+        x = x / post_norm
+
+        x = E3Linear(irreps_str(simplify_irreps(irr_mid)), irreps_str(gate_in), name="linear_2")(x)
+        if sc is not None:
+            x = x + sc
+        x = Gate(spec.gate, name="gate")(x)
+        if spec.resnet:
+            x = x + old_x
+        return x
+
+
+def _polynomial_cutoff(x: jax.Array, p: float) -> jax.Array:
+    """DimeNet envelope on x = r / r_max."""
+    return (
+        1.0
+        - (p + 1.0) * (p + 2.0) / 2.0 * x**p
+        + p * (p + 2.0) * x ** (p + 1.0)
+        - p * (p + 1.0) / 2.0 * x ** (p + 2.0)
+    )
+
+
+def _xplor_cutoff(r: jax.Array, r_on: float, r_cut: float) -> jax.Array:
+    r2, on2, cut2 = r * r, r_on * r_on, r_cut * r_cut
+    return jnp.where(r < r_on, 1.0, (cut2 - r2) ** 2 * (cut2 + 2 * r2 - 3 * on2) / (cut2 - on2) ** 3)
+
+
+def _zbl_edge_energy(z_i, z_j, r):
+    """ZBL screened nuclear repulsion per directed edge (half of the pair), eV (metal units)."""
+    x = (z_i**0.23 + z_j**0.23) * r / 0.46850
+    psi = (
+        0.02817 * jnp.exp(-0.20162 * x)
+        + 0.28022 * jnp.exp(-0.40290 * x)
+        + 0.50986 * jnp.exp(-0.94229 * x)
+        + 0.18175 * jnp.exp(-3.19980 * x)
+    )
+    return 0.5 * 14.399645 * (z_i * z_j / r) * psi
+
+
+class NequIP(nn.Module):
+    """NequIP / SevenNet energy model: apply(variables, vectors, species, senders, receivers) -> (N,) eV.
+
+    Attributes (see `from_config` for the JSON form):
+        num_types: elements in the model's table.
+        r_max: cutoff, Å.
+        embedding_scale: node embedding = table[type] * scale (1/sqrt(T) for
+            SevenNet's one-hot e3nn Linear, 1 for nequip's nn.Embedding).
+        node_attrs: "one_hot" (SevenNet) or "embedding" (nequip) operand of a
+            tensor-product self-connection.
+        num_basis: Bessel functions 2/r_max sin(k_n r)/r (k_n in constants).
+        cutoff: ("polynomial", p) | ("polynomial_masked", p) | ("xplor", r_on).
+        irreps_sh: spherical harmonics (component normalisation).
+        sh_normalize: normalise edge vectors before Y (SevenNet `_normalize_sph`).
+        layers: `LayerSpec` per interaction.
+        readout: `MLPSpec` from the last features to one scalar.
+        zbl_p: polynomial cutoff exponent of a nequip ZBL term, or None.
+    """
+
+    num_types: int
+    r_max: float
+    embedding_features: int
+    embedding_scale: float
+    node_attrs: str
+    num_basis: int
+    cutoff: tuple[str, float]
+    irreps_sh: str
+    sh_normalize: bool
+    layers: tuple[LayerSpec, ...]
+    readout: MLPSpec
+    zbl_p: float | None = None
+
+    @nn.compact
+    def __call__(self, vectors, species, senders, receivers):
+        dtype = vectors.dtype
+        r = jnp.sqrt(jnp.sum(vectors**2, axis=-1))
+        k = self.variable(
+            "constants", "bessel_k", lambda: jnp.arange(1, self.num_basis + 1, dtype=dtype) * math.pi / self.r_max
+        ).value
+        basis = 2.0 / self.r_max * jnp.sin(k * r[:, None]) / r[:, None]
+        kind, value = self.cutoff
+        if kind == "xplor":
+            envelope = _xplor_cutoff(r, value, self.r_max)
+        else:
+            envelope = _polynomial_cutoff(r / self.r_max, value)
+            if kind == "polynomial_masked":
+                envelope = envelope * (r < self.r_max)
+        radial_basis = basis * envelope[:, None]
+        sh = e3nn_jax.spherical_harmonics(
+            self.irreps_sh, vectors, normalize=self.sh_normalize, normalization="component"
+        ).array
+
+        table = self.param(
+            "embedding", nn.initializers.normal(1.0), (self.num_types, self.embedding_features), dtype
+        )
+        x = table[species] * self.embedding_scale
+        node_attrs = jax.nn.one_hot(species, self.num_types, dtype=dtype) if self.node_attrs == "one_hot" else x
+        for t, spec in enumerate(self.layers):
+            x = Interaction(spec, self.irreps_sh, self.num_types, name=f"layer_{t}")(
+                x, node_attrs, species, sh, radial_basis, senders, receivers
+            )
+        energy = MLP(self.readout, name="readout")(x)[:, 0]
+
+        scale = self.variable("constants", "scale", lambda: jnp.ones((self.num_types,), dtype)).value
+        shift = self.variable("constants", "shift", lambda: jnp.zeros((self.num_types,), dtype)).value
+        energy = energy * scale[species] + shift[species]
+        if self.zbl_p is not None:
+            z = self.variable("constants", "zbl_atomic_numbers", lambda: jnp.ones((self.num_types,), dtype)).value
+            z_i, z_j = z[species[receivers]], z[species[senders]]
+            pair = _zbl_edge_energy(z_i, z_j, r) * _polynomial_cutoff(r / self.r_max, self.zbl_p) * (r < self.r_max)
+            energy = energy + jax.ops.segment_sum(pair, receivers, num_segments=x.shape[0])
+        return energy
+
+    @staticmethod
+    def from_config(config: dict[str, Any]) -> "NequIP":
+        """Build from the JSON config a converter writes (keys as the attributes)."""
+        try:
+            layers = tuple(
+                LayerSpec(
+                    irreps_in=layer["irreps_in"],
+                    gate=GateSpec(
+                        scalars=layer["gate"]["scalars"],
+                        act_scalars=tuple(layer["gate"]["act_scalars"]),
+                        gates=layer["gate"]["gates"],
+                        act_gates=tuple(layer["gate"]["act_gates"]),
+                        gated=layer["gate"]["gated"],
+                    ),
+                    radial=MLPSpec(tuple(layer["radial"]["hidden"]), layer["radial"]["kind"], layer["radial"]["act"]),
+                    self_connection=layer["self_connection"],
+                    sort_instructions=layer["sort_instructions"],
+                    resnet=layer.get("resnet", False),
+                )
+                for layer in config["layers"]
+            )
+            readout = config["readout"]
+            return NequIP(
+                num_types=len(config["atomic_numbers"]),
+                r_max=float(config["r_max"]),
+                embedding_features=int(config["embedding"]["features"]),
+                embedding_scale=float(config["embedding"]["scale"]),
+                node_attrs=config["embedding"]["node_attrs"],
+                num_basis=int(config["radial_basis"]["num_basis"]),
+                cutoff=(config["radial_basis"]["cutoff"], float(config["radial_basis"]["cutoff_arg"])),
+                irreps_sh=config["irreps_sh"],
+                sh_normalize=bool(config.get("sh_normalize", True)),
+                layers=layers,
+                readout=MLPSpec(tuple(readout["dims"]), readout["kind"], readout["act"]),
+                zbl_p=config.get("zbl_p"),
+            )
+        except KeyError as err:
+            raise UnsupportedModelError(f"nequip/sevenn config lacks the key {err}") from err
+
+
+def layer_output_irreps(spec: LayerSpec) -> str:
+    """Irreps a layer outputs (the gate's output), as e3nn writes them."""
+    return irreps_str(spec.gate.layout()[3])

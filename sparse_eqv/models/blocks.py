@@ -1,0 +1,577 @@
+"""Building blocks shared by the Flax models, reproducing e3nn (torch) numerics.
+
+Everything here mirrors one piece of the torch packages the checkpoints come
+from (e3nn 0.4.4 / 0.6, mace-torch, nequip, sevenn), with the same operation
+order so float64 results agree to rounding:
+
+    radial bases and envelopes     bessel_basis, polynomial_cutoff,
+                                   agnesi_transform, zbl_edge_energy
+    activations                    ACTIVATIONS, normalize2mom_constant
+    e3nn.nn.FullyConnectedNet      FullyConnectedNet
+    e3nn.o3.Linear                 Linear, linear_instructions
+    e3nn.o3.TensorProduct          TensorProduct (external weights),
+                                   tensor_product, TPInstruction, tp_path_weights
+    e3nn.o3.FullyConnectedTP       FullyConnectedTensorProduct,
+                                   fully_connected_tp_instructions
+    e3nn.o3.Irreps.sort (torch)    sort_irreps, simplify_irreps
+
+Irreps are `e3nn_jax.Irreps` (kept unsimplified: "8x0e+8x0e" has two
+entries, as in torch). Their torch order differs from e3nn-jax's for odd
+parity scalars, so sorting uses `sort_irreps`, never `Irreps.sort`.
+
+Parameters follow e3nn-jax's naming, one leaf per e3nn instruction:
+`w[i_in,i_out] 8x0e,8x0e` for a Linear path, `w[i1,i2,i_out] a,b,c` for a
+weighted tensor-product path, `layer{k}` for a FullyConnectedNet layer.
+Normalisation constants that torch computes by sampling (normalize2mom) and
+Clebsch-Gordan blocks are "constants" variables, so a converter can fill them
+with the checkpoint's own values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Radial functions (mace.modules.radial)
+# ---------------------------------------------------------------------------
+
+
+def bessel_basis(x: jax.Array, weights: jax.Array, prefactor: jax.Array) -> jax.Array:
+    """prefactor * sin(w_n x) / x (MACE `BesselBasis`).
+
+    Args:
+        x: (E,) distances, Å (never zero).
+        weights: (n,) frequencies n*pi/r_max, 1/Å.
+        prefactor: () sqrt(2/r_max).
+
+    Returns:
+        (E, n).
+    """
+    x = x[:, None]
+    return prefactor * (jnp.sin(weights * x) / x)
+
+
+def polynomial_cutoff(x: jax.Array, r_max: jax.Array, p: int) -> jax.Array:
+    """Smooth envelope from 1 at x=0 to 0 at r_max, zero beyond (MACE `PolynomialCutoff`).
+
+    Args:
+        x: (E,) distances, Å.
+        r_max: () or (E,) cutoff radius, Å.
+        p: polynomial order.
+
+    Returns:
+        (E,) envelope.
+    """
+    r = x / r_max
+    envelope = (
+        1.0
+        - ((p + 1.0) * (p + 2.0) / 2.0) * r**p
+        + p * (p + 2.0) * r ** (p + 1)
+        - (p * (p + 1.0) / 2) * r ** (p + 2)
+    )
+    return jnp.where(x < r_max, envelope, 0.0)
+
+
+def agnesi_transform(x: jax.Array, r_0: jax.Array, a: jax.Array, q: jax.Array, p: jax.Array) -> jax.Array:
+    """Agnesi distance transform 1 / (1 + a (x/r0)^q / (1 + (x/r0)^(q-p))) (MACE `AgnesiTransform`).
+
+    Args:
+        x: (E,) distances, Å.
+        r_0: (E,) half the sum of the two atoms' covalent radii, Å.
+        a, q, p: () transform constants.
+
+    Returns:
+        (E,) transformed distances (dimensionless, in (0, 1]).
+    """
+    r = x / r_0
+    return 1.0 / (1 + (a * r**q / (1 + r ** (q - p))))
+
+
+def zbl_edge_energy(
+    x: jax.Array,
+    z_u: jax.Array,
+    z_v: jax.Array,
+    r_max: jax.Array,
+    c: jax.Array,
+    a_exp: jax.Array,
+    a_prefactor: jax.Array,
+    p: int,
+) -> jax.Array:
+    """Half the ZBL screened-Coulomb energy of each directed edge (MACE `ZBLBasis`).
+
+    Args:
+        x: (E,) distances, Å.
+        z_u, z_v: (E,) atomic numbers of sender and receiver (float).
+        r_max: (E,) envelope radius (sum of covalent radii), Å.
+        c: (4,) screening coefficients.
+        a_exp, a_prefactor: () screening-length constants.
+        p: envelope polynomial order.
+
+    Returns:
+        (E,) eV; summing over edges onto receivers gives node energies.
+    """
+    a = a_prefactor * 0.529 / (z_u**a_exp + z_v**a_exp)
+    r_over_a = x / a
+    phi = (
+        c[0] * jnp.exp(-3.2 * r_over_a)
+        + c[1] * jnp.exp(-0.9423 * r_over_a)
+        + c[2] * jnp.exp(-0.4028 * r_over_a)
+        + c[3] * jnp.exp(-0.2016 * r_over_a)
+    )
+    v_edges = (14.3996 * z_u * z_v) / x * phi
+    envelope = polynomial_cutoff(x, r_max, p)
+    return 0.5 * v_edges * envelope
+
+
+# ---------------------------------------------------------------------------
+# Activations and their second-moment normalisation (e3nn.math.normalize2mom)
+# ---------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+_NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": lambda z: z / (1.0 + np.exp(-z)),
+    "tanh": np.tanh,
+}
+
+
+def normalize2mom_constant(name: str) -> float:
+    """<f(z)^2>^(-1/2) for z ~ N(0, 1), by Gauss-Hermite quadrature.
+
+    e3nn estimates this by sampling (torch seed 0, 10^6 draws), which differs
+    from the exact value in the 4th digit: converted models carry the
+    checkpoint's constant; this value only initialises fresh models.
+    """
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    f = _NUMPY_ACTIVATIONS[name](z)
+    return float((np.sum(w * f**2) / np.sqrt(2 * np.pi)) ** -0.5)
+
+
+class FullyConnectedNet(nn.Module):
+    """e3nn `nn.FullyConnectedNet`: x @ (W / sqrt(h_in)) with normalised activation between layers.
+
+    Attributes:
+        hs: layer widths (input, hidden..., output).
+        act: name in ACTIVATIONS, or None for a linear network.
+        param_dtype: dtype of the weights.
+
+    Params: `layer{k}` (h_k, h_{k+1}). Constants: `act_norm` () -- the
+    activation's normalize2mom factor (1.0 where e3nn treats it as identity),
+    only when some layer has an activation.
+    """
+
+    hs: tuple[int, ...]
+    act: str | None
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., hs[0]) -> (..., hs[-1])."""
+        n_layers = len(self.hs) - 1
+        act_norm = None
+        if self.act is not None and n_layers > 1:
+            act_norm = self.variable(
+                "constants", "act_norm", lambda: jnp.asarray(normalize2mom_constant(self.act), self.param_dtype)
+            ).value
+        for k, (h_in, h_out) in enumerate(zip(self.hs[:-1], self.hs[1:])):
+            w = self.param(f"layer{k}", nn.initializers.normal(1.0), (h_in, h_out), self.param_dtype)
+            if k < n_layers - 1 and self.act is not None:
+                x = x @ (w / h_in**0.5)
+                x = ACTIVATIONS[self.act](x) * act_norm
+            else:
+                x = x @ (w / h_in**0.5)
+        return x
+
+
+# ---------------------------------------------------------------------------
+# Irreps helpers with e3nn (torch) ordering
+# ---------------------------------------------------------------------------
+
+
+def sort_irreps(irreps: e3nn.Irreps) -> tuple[e3nn.Irreps, tuple[int, ...]]:
+    """e3nn (torch) `Irreps.sort()`: order by (l, p) with p=-1 first; returns (sorted, p).
+
+    p[i] is the new position of entry i (torch's `sort().p`).
+    """
+    entries = sorted((mul_ir.ir.l, mul_ir.ir.p, i, mul_ir.mul) for i, mul_ir in enumerate(irreps))
+    inv = [i for _, _, i, _ in entries]
+    perm = [0] * len(inv)
+    for new, old in enumerate(inv):
+        perm[old] = new
+    sorted_irreps = e3nn.Irreps([(mul, (l, p)) for l, p, _, mul in entries])
+    return sorted_irreps, tuple(perm)
+
+
+def simplify_irreps(irreps: e3nn.Irreps) -> e3nn.Irreps:
+    """e3nn `Irreps.simplify()`: merge neighbouring equal irreps, drop zero multiplicities."""
+    out: list[tuple[int, e3nn.Irrep]] = []
+    for mul, ir in irreps:
+        if out and out[-1][1] == ir:
+            out[-1] = (out[-1][0] + mul, ir)
+        elif mul > 0:
+            out.append((mul, ir))
+    return e3nn.Irreps(out)
+
+
+def _zeros_if_none(chunk: jax.Array | None, shape: tuple[int, ...], dtype) -> jax.Array:
+    return jnp.zeros(shape, dtype) if chunk is None else chunk
+
+
+# ---------------------------------------------------------------------------
+# e3nn.o3.Linear
+# ---------------------------------------------------------------------------
+
+
+class LinearPath(NamedTuple):
+    """One e3nn Linear instruction: weight (mul_in, mul_out) at flat offset `start`."""
+
+    name: str
+    i_in: int
+    i_out: int
+    shape: tuple[int, int]
+    start: int
+    path_weight: float
+
+
+def linear_instructions(irreps_in: e3nn.Irreps, irreps_out: e3nn.Irreps) -> list[LinearPath]:
+    """Instructions of e3nn `o3.Linear(irreps_in, irreps_out)` (all paths, no bias, 'element' norm).
+
+    Order and path weights as e3nn builds them: i_in outer, i_out inner;
+    weight 1/sqrt(sum of mul_in over the paths into i_out).
+    """
+    pairs = [
+        (i_in, i_out)
+        for i_in, mi in enumerate(irreps_in)
+        for i_out, mo in enumerate(irreps_out)
+        if mi.ir == mo.ir
+    ]
+    paths = []
+    start = 0
+    for i_in, i_out in pairs:
+        fan_in = sum(irreps_in[j].mul for j, o in pairs if o == i_out)
+        fan_in = 1.0 if fan_in == 0 else fan_in
+        shape = (irreps_in[i_in].mul, irreps_out[i_out].mul)
+        name = f"w[{i_in},{i_out}] {irreps_in[i_in]},{irreps_out[i_out]}"
+        paths.append(LinearPath(name, i_in, i_out, shape, start, fan_in ** (-0.5)))
+        start += shape[0] * shape[1]
+    return paths
+
+
+class Linear(nn.Module):
+    """e3nn (torch) `o3.Linear` with internal, shared weights and no bias.
+
+    Attributes:
+        irreps_in, irreps_out: irreps strings, unsimplified (their entries
+            define the instructions, exactly as in torch).
+        param_dtype: dtype of the weights.
+
+    Params: one leaf per instruction, named `w[i_in,i_out] {in},{out}`,
+    shape (mul_in, mul_out): torch's flat `weight[start:start+mul_in*mul_out]`
+    viewed row-major.
+    """
+
+    irreps_in: str
+    irreps_out: str
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, x: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
+        """(..., irreps_in.dim) -> (..., irreps_out.dim), both mul_ir layout."""
+        irreps_in = e3nn.Irreps(self.irreps_in)
+        irreps_out = e3nn.Irreps(self.irreps_out)
+        if x.irreps != irreps_in:
+            raise ValueError(f"Linear expects {irreps_in}, got {x.irreps}")
+        lead = x.shape[:-1]
+        outputs: list[list[jax.Array]] = [[] for _ in irreps_out]
+        for path in linear_instructions(irreps_in, irreps_out):
+            if 0 in path.shape:
+                continue
+            w = self.param(path.name, nn.initializers.normal(1.0), path.shape, self.param_dtype)
+            mul_ir = irreps_in[path.i_in]
+            chunk = _zeros_if_none(x.chunks[path.i_in], lead + (mul_ir.mul, mul_ir.ir.dim), x.dtype)
+            outputs[path.i_out].append(path.path_weight * jnp.einsum("uw,...ui->...wi", w, chunk))
+        chunks = [_sum_or_zeros(outs, lead + (mo.mul, mo.ir.dim), x.dtype) for outs, mo in zip(outputs, irreps_out)]
+        return e3nn.from_chunks(irreps_out, chunks, lead, x.dtype)
+
+
+def _sum_or_zeros(terms: Sequence[jax.Array], shape: tuple[int, ...], dtype) -> jax.Array:
+    """Sum left to right (e3nn's `_sum_tensors`), zeros if there is nothing to sum."""
+    if not terms:
+        return jnp.zeros(shape, dtype)
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
+
+
+# ---------------------------------------------------------------------------
+# e3nn.o3.TensorProduct
+# ---------------------------------------------------------------------------
+
+
+class TPInstruction(NamedTuple):
+    """One e3nn TensorProduct instruction with its final normalisation factor.
+
+    path_weight is e3nn's sqrt(alpha) (irrep and path normalisation included);
+    shape is the weight's path_shape; start its offset in the flat weight.
+    """
+
+    i_in1: int
+    i_in2: int
+    i_out: int
+    mode: str
+    has_weight: bool
+    path_weight: float
+    shape: tuple[int, ...]
+    start: int
+
+
+def tp_path_weights(
+    irreps_in1: e3nn.Irreps,
+    irreps_in2: e3nn.Irreps,
+    irreps_out: e3nn.Irreps,
+    instructions: Sequence[tuple],
+    irrep_normalization: str = "component",
+    path_normalization: str = "element",
+) -> list[TPInstruction]:
+    """e3nn `o3.TensorProduct.__init__`'s instruction processing ('uvw' and 'uvu' modes).
+
+    Args:
+        instructions: (i_in1, i_in2, i_out, mode, has_weight[, path_weight]).
+
+    Returns:
+        TPInstruction list in the given order, flat weight offsets filled in
+        for the weighted ones.
+    """
+
+    def path_shape(i1, i2, io, mode):
+        if mode == "uvw":
+            return (irreps_in1[i1].mul, irreps_in2[i2].mul, irreps_out[io].mul)
+        if mode == "uvu":
+            return (irreps_in1[i1].mul, irreps_in2[i2].mul)
+        raise ValueError(f"tensor-product connection mode {mode!r} is not implemented")
+
+    def num_elements(i1, i2, mode):
+        return irreps_in1[i1].mul * irreps_in2[i2].mul if mode == "uvw" else irreps_in2[i2].mul
+
+    full = [tuple(ins) if len(ins) == 6 else tuple(ins) + (1.0,) for ins in instructions]
+    out = []
+    start = 0
+    for i1, i2, io, mode, has_weight, weight in full:
+        ir1, ir2, ir_out = irreps_in1[i1].ir, irreps_in2[i2].ir, irreps_out[io].ir
+        if ir1.p * ir2.p != ir_out.p or not abs(ir1.l - ir2.l) <= ir_out.l <= ir1.l + ir2.l:
+            raise ValueError(f"instruction {(i1, i2, io)}: {ir1} x {ir2} does not contain {ir_out}")
+        if irrep_normalization == "component":
+            alpha = ir_out.dim
+        elif irrep_normalization == "norm":
+            alpha = ir1.dim * ir2.dim
+        else:
+            alpha = 1
+        if path_normalization == "element":
+            x = sum(num_elements(j1, j2, m) for j1, j2, jo, m, _, _ in full if jo == io)
+        elif path_normalization == "path":
+            x = num_elements(i1, i2, mode) * len([1 for _, _, jo, _, _, _ in full if jo == io])
+        else:
+            x = 1
+        if x > 0.0:
+            alpha /= x
+        alpha *= weight
+        shape = path_shape(i1, i2, io, mode)
+        out.append(TPInstruction(i1, i2, io, mode, has_weight, math.sqrt(alpha), shape, start))
+        if has_weight:
+            start += int(np.prod(shape))
+    return out
+
+
+def tensor_product(
+    x1: e3nn.IrrepsArray,
+    x2: e3nn.IrrepsArray,
+    irreps_out: e3nn.Irreps,
+    instructions: Sequence[TPInstruction],
+    weights: Sequence[jax.Array | None],
+    w3j: dict[tuple[int, int, int], jax.Array],
+    specialized: bool = True,
+) -> e3nn.IrrepsArray:
+    """e3nn `o3.TensorProduct` forward ('uvw', 'uvu'), code path by code path.
+
+    Args:
+        x1, x2: (B, irreps_in1.dim), (B, irreps_in2.dim).
+        irreps_out: output irreps.
+        instructions: from `tp_path_weights`.
+        weights: per instruction, its weight with shape path_shape (shared)
+            or (B,) + path_shape (one per batch row), None without weight.
+        w3j: Clebsch-Gordan block (2l1+1, 2l2+1, 2l3+1) per (l1, l2, l3) used
+            by a non-specialised path, in the checkpoint's sign convention.
+        specialized: e3nn's `specialized_code` (paths with an l=0 operand
+            skip the CG block).
+
+    Returns:
+        (B, irreps_out.dim).
+    """
+    batch = x1.shape[0]
+    dtype = x1.dtype
+    outputs: list[list[jax.Array]] = [[] for _ in irreps_out]
+    for ins, w in zip(instructions, weights):
+        m1, m2, mo = x1.irreps[ins.i_in1], x2.irreps[ins.i_in2], irreps_out[ins.i_out]
+        if m1.dim == 0 or m2.dim == 0 or mo.dim == 0:
+            continue
+        a = _zeros_if_none(x1.chunks[ins.i_in1], (batch, m1.mul, m1.ir.dim), dtype)
+        b = _zeros_if_none(x2.chunks[ins.i_in2], (batch, m2.mul, m2.ir.dim), dtype)
+        l1, l2, lo = m1.ir.l, m2.ir.l, mo.ir.l
+        if not ins.has_weight:
+            raise ValueError("tensor_product: instructions without weight are not implemented")
+        z = "" if w.ndim == len(ins.shape) else "z"
+        if ins.mode == "uvw":
+            if specialized and (l1, l2, lo) == (0, 0, 0):
+                r = jnp.einsum(f"{z}uvw,zu,zv->zw", w, a[..., 0], b[..., 0])[..., None]
+            elif specialized and l1 == 0:
+                r = jnp.einsum(f"{z}uvw,zu,zvj->zwj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
+            elif specialized and l2 == 0:
+                r = jnp.einsum(f"{z}uvw,zui,zv->zwi", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
+            elif specialized and lo == 0:
+                r = jnp.einsum(f"{z}uvw,zui,zvi->zw", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
+            else:
+                r = jnp.einsum(f"{z}uvw,ijk,zui,zvj->zwk", w, w3j[(l1, l2, lo)], a, b)
+        else:  # uvu
+            if specialized and (l1, l2, lo) == (0, 0, 0):
+                r = jnp.einsum(f"{z}uv,zu,zv->zu", w, a[..., 0], b[..., 0])[..., None]
+            elif specialized and l1 == 0:
+                r = jnp.einsum(f"{z}uv,zu,zvj->zuj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
+            elif specialized and l2 == 0:
+                r = jnp.einsum(f"{z}uv,zui,zv->zui", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
+            elif specialized and lo == 0:
+                r = jnp.einsum(f"{z}uv,zui,zvi->zu", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
+            else:
+                r = jnp.einsum(f"{z}uv,ijk,zui,zvj->zuk", w, w3j[(l1, l2, lo)], a, b)
+        outputs[ins.i_out].append(ins.path_weight * r)
+    chunks = [_sum_or_zeros(outs, (batch, mo.mul, mo.ir.dim), dtype) for outs, mo in zip(outputs, irreps_out)]
+    return e3nn.from_chunks(irreps_out, chunks, (batch,), dtype)
+
+
+def tp_w3j_keys(
+    irreps_in1: e3nn.Irreps, irreps_in2: e3nn.Irreps, irreps_out: e3nn.Irreps, instructions: Sequence[TPInstruction],
+    specialized: bool = True,
+) -> list[tuple[int, int, int]]:
+    """(l1, l2, l3) of the Clebsch-Gordan blocks `tensor_product` reads, in first-use order."""
+    keys = []
+    for ins in instructions:
+        l1, l2, lo = irreps_in1[ins.i_in1].ir.l, irreps_in2[ins.i_in2].ir.l, irreps_out[ins.i_out].ir.l
+        if specialized and 0 in (l1, l2, lo):
+            continue
+        if (l1, l2, lo) not in keys:
+            keys.append((l1, l2, lo))
+    return keys
+
+
+def fully_connected_tp_instructions(
+    irreps_in1: e3nn.Irreps, irreps_in2: e3nn.Irreps, irreps_out: e3nn.Irreps
+) -> list[TPInstruction]:
+    """Instructions of e3nn `o3.FullyConnectedTensorProduct` ('uvw', every allowed path)."""
+    instructions = [
+        (i1, i2, io, "uvw", True, 1.0)
+        for i1, (_, ir1) in enumerate(irreps_in1)
+        for i2, (_, ir2) in enumerate(irreps_in2)
+        for io, (_, ir_out) in enumerate(irreps_out)
+        if ir_out in ir1 * ir2
+    ]
+    return tp_path_weights(irreps_in1, irreps_in2, irreps_out, instructions)
+
+
+def tp_weight_name(ins: TPInstruction, irreps_in1, irreps_in2, irreps_out) -> str:
+    """Leaf name of a weighted tensor-product path: `w[i1,i2,i_out] a,b,c`."""
+    return (
+        f"w[{ins.i_in1},{ins.i_in2},{ins.i_out}] "
+        f"{irreps_in1[ins.i_in1]},{irreps_in2[ins.i_in2]},{irreps_out[ins.i_out]}"
+    )
+
+
+def w3j_name(key: tuple[int, int, int]) -> str:
+    """Constant name of a Clebsch-Gordan block, as e3nn's codegen buffer: `w3j_1_2_1`."""
+    return "w3j_{}_{}_{}".format(*key)
+
+
+class FullyConnectedTensorProduct(nn.Module):
+    """e3nn `o3.FullyConnectedTensorProduct` with internal shared weights.
+
+    Attributes:
+        irreps_in1, irreps_in2, irreps_out: irreps strings.
+        param_dtype: dtype of the weights.
+
+    Params: `w[i1,i2,i_out] a,b,c` (mul1, mul2, mul_out) per path.
+    Constants: `w3j_l1_l2_l3` per non-specialised path (defaults from
+    e3nn-jax; converters put the checkpoint's blocks there).
+    """
+
+    irreps_in1: str
+    irreps_in2: str
+    irreps_out: str
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, x1: e3nn.IrrepsArray, x2: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
+        """(B, in1.dim), (B, in2.dim) -> (B, out.dim)."""
+        in1, in2, out = e3nn.Irreps(self.irreps_in1), e3nn.Irreps(self.irreps_in2), e3nn.Irreps(self.irreps_out)
+        if x1.irreps != in1 or x2.irreps != in2:
+            raise ValueError(f"FullyConnectedTensorProduct expects {in1} x {in2}, got {x1.irreps} x {x2.irreps}")
+        instructions = fully_connected_tp_instructions(in1, in2, out)
+        weights = [
+            self.param(tp_weight_name(ins, in1, in2, out), nn.initializers.normal(1.0), ins.shape, self.param_dtype)
+            for ins in instructions
+        ]
+        w3j = {
+            key: self.variable(
+                "constants", w3j_name(key), lambda k=key: jnp.asarray(e3nn.clebsch_gordan(*k), self.param_dtype)
+            ).value
+            for key in tp_w3j_keys(in1, in2, out, instructions)
+        }
+        return tensor_product(x1, x2, out, instructions, weights, w3j)
+
+
+class TensorProduct(nn.Module):
+    """e3nn `o3.TensorProduct` with external per-row weights (shared_weights=False).
+
+    Attributes:
+        irreps_in1, irreps_in2, irreps_out: irreps strings.
+        instructions: (i_in1, i_in2, i_out, mode, has_weight[, path_weight]) as given to e3nn.
+        param_dtype: dtype of the default CG constants.
+        specialized: e3nn's `_specialized_code`.
+
+    Constants: `w3j_l1_l2_l3` per non-specialised path (defaults from
+    e3nn-jax; converters put the checkpoint's blocks there). No params.
+    """
+
+    irreps_in1: str
+    irreps_in2: str
+    irreps_out: str
+    instructions: tuple[tuple, ...]
+    param_dtype: Any = jnp.float64
+    specialized: bool = True
+
+    @nn.compact
+    def __call__(self, x1: e3nn.IrrepsArray, x2: e3nn.IrrepsArray, weights: jax.Array) -> e3nn.IrrepsArray:
+        """(B, in1.dim), (B, in2.dim), (B, weight_numel) -> (B, out.dim)."""
+        in1, in2, out = e3nn.Irreps(self.irreps_in1), e3nn.Irreps(self.irreps_in2), e3nn.Irreps(self.irreps_out)
+        instructions = tp_path_weights(in1, in2, out, self.instructions)
+        batch = weights.shape[0]
+        per_path = [
+            weights[:, ins.start : ins.start + int(np.prod(ins.shape))].reshape((batch,) + ins.shape)
+            if ins.has_weight
+            else None
+            for ins in instructions
+        ]
+        w3j = {
+            key: self.variable(
+                "constants", w3j_name(key), lambda k=key: jnp.asarray(e3nn.clebsch_gordan(*k), self.param_dtype)
+            ).value
+            for key in tp_w3j_keys(in1, in2, out, instructions, self.specialized)
+        }
+        return tensor_product(x1, x2, out, instructions, per_path, w3j, self.specialized)

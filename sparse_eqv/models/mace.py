@@ -1,0 +1,574 @@
+"""MACE (mace-torch 0.3.16 `MACE` / `ScaleShiftMACE`) as a Flax module.
+
+    node_energies = MACE.from_config(config).apply(variables, vectors, species, senders, receivers)
+
+The forward pass follows mace-torch step by step (see `mace/modules/models.py`
+and `blocks.py`), so a converted checkpoint predicts the same energies:
+
+    E_i = E0[Z_i] + scale * (ZBL_i + sum_t readout_t(h_i^t)) + shift   (ScaleShiftMACE)
+    E_i = E0[Z_i] + ZBL_i + sum_t readout_t(h_i^t)                     (MACE)
+
+Supported: interaction blocks RealAgnostic{,Residual,Density,DensityResidual}
+InteractionBlock, correlation 1..3 (any per layer), max_ell <= 3, hidden
+irreps Cx0e[+Cx1o[+Cx2e]], Bessel radial basis with polynomial cutoff, the
+Agnesi distance transform, ZBL pair repulsion, per-element E0s, scale/shift,
+one head of a multi-head model (`config["head"]`).
+
+Edge convention: sparse_eqv's vectors point from the centre (receiver) to the
+neighbour (sender); mace's `positions[receiver] - positions[sender] + shift`
+points the other way, so the model negates them. Messages are summed onto
+receivers in both.
+
+Variables:
+    params     one leaf per e3nn instruction (see `sparse_eqv.models.blocks`):
+               node_embedding/linear/w[0,0] Zx0e,Cx0e
+               interactions_t/{linear_up,linear}/w[i,j] ...
+               interactions_t/skip_tp/w[i1,i2,o] ...
+               interactions_t/{conv_tp_weights,density_fn}/layer{k}
+               products_t/symmetric_contractions/w[{ir},nu={nu}]  (n_elements, K, C)
+               products_t/linear/w[i,j] ...
+               readouts_t/linear/... or readouts_t/{linear_1,linear_2}/...
+    constants  atomic_energies (n_elements,), scale_shift/{scale,shift},
+               radial_embedding/{bessel_weights,prefactor,r_max}[/agnesi/{a,q,p,covalent_radii}],
+               pair_repulsion/{c,a_exp,a_prefactor,covalent_radii},
+               interactions_t/avg_num_neighbors, interactions_t/conv_tp_weights/act_norm,
+               interactions_t/conv_tp/w3j_l1_l2_l3, products_t/symmetric_contractions/U[{ir},nu={nu}],
+               readouts_t/act_norm
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ase.data
+import e3nn_jax as e3nn
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_eqv.errors import UnsupportedModelError
+from sparse_eqv.models.blocks import (
+    ACTIVATIONS,
+    FullyConnectedNet,
+    FullyConnectedTensorProduct,
+    Linear,
+    TensorProduct,
+    agnesi_transform,
+    bessel_basis,
+    normalize2mom_constant,
+    polynomial_cutoff,
+    simplify_irreps,
+    sort_irreps,
+    tp_path_weights,
+    zbl_edge_energy,
+)
+
+INTERACTION_CLASSES = (
+    "RealAgnosticInteractionBlock",
+    "RealAgnosticResidualInteractionBlock",
+    "RealAgnosticDensityInteractionBlock",
+    "RealAgnosticDensityResidualInteractionBlock",
+)
+DISTANCE_TRANSFORMS = ("None", "Agnesi")
+
+
+# ---------------------------------------------------------------------------
+# Structure: the irreps of every block, derived as mace-torch derives them
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerIrreps:
+    """Irreps of one interaction + product layer (strings, unsimplified where torch is)."""
+
+    interaction: str  # interaction class name
+    node_feats: str  # input node features
+    target: str  # interaction output = product input
+    hidden_out: str  # product output (and residual skip output)
+    correlation: int
+    use_sc: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadoutIrreps:
+    """One readout: linear (irreps_in -> heads x 0e) or non-linear through MLP irreps."""
+
+    nonlinear: bool
+    irreps_in: str
+    mlp: str  # "" for a linear readout
+
+
+def sh_irreps(max_ell: int) -> e3nn.Irreps:
+    """0e + 1o + 2e + ... up to max_ell (e3nn `Irreps.spherical_harmonics`)."""
+    return e3nn.Irreps([(1, (l, (-1) ** l)) for l in range(max_ell + 1)])
+
+
+def repeat_irreps(irreps: e3nn.Irreps, times: int) -> e3nn.Irreps:
+    """torch `irreps * n`: the list repeated n times (e3nn-jax's `*` multiplies multiplicities)."""
+    return e3nn.Irreps(list(irreps) * times)
+
+
+def conv_tp_structure(
+    irreps_in: e3nn.Irreps, irreps_edge: e3nn.Irreps, target: e3nn.Irreps
+) -> tuple[e3nn.Irreps, list[tuple]]:
+    """mace `tp_out_irreps_with_instructions`: sorted 'uvu' outputs that lie in target.
+
+    Returns:
+        irreps_mid (sorted, unsimplified) and instructions (i1, i2, i_out, 'uvu', True)
+        ordered by i_out.
+    """
+    entries, instructions = [], []
+    for i, (mul, ir_in) in enumerate(irreps_in):
+        for j, (_, ir_edge) in enumerate(irreps_edge):
+            for ir_out in ir_in * ir_edge:
+                if ir_out in target:
+                    instructions.append((i, j, len(entries), "uvu", True))
+                    entries.append((mul, ir_out))
+    irreps_mid, perm = sort_irreps(e3nn.Irreps(entries))
+    instructions = sorted(((i, j, perm[k], m, t) for i, j, k, m, t in instructions), key=lambda x: x[2])
+    return irreps_mid, instructions
+
+
+def mace_structure(config: dict[str, Any]) -> tuple[list[LayerIrreps], list[ReadoutIrreps]]:
+    """Irreps of every layer and readout, as `mace.modules.models.MACE.__init__` builds them."""
+    hidden = e3nn.Irreps(config["hidden_irreps"])
+    channels = hidden.count("0e")
+    sh = sh_irreps(config["max_ell"])
+    interaction_irreps = str(simplify_irreps(sort_irreps(repeat_irreps(sh, channels))[0]))
+    n = config["num_interactions"]
+    n_heads = len(config["heads"])
+    scalars = str(hidden[0])
+    hidden_out = scalars if n == 1 else str(hidden)
+    correlation = list(config["correlation"])
+    layers = [
+        LayerIrreps(
+            config["interaction_first"],
+            f"{channels}x0e",
+            interaction_irreps,
+            hidden_out,
+            correlation[0],
+            "Residual" in config["interaction_first"],
+        )
+    ]
+    readouts = []
+    if not config["use_last_readout_only"]:
+        readouts.append(ReadoutIrreps(False, hidden_out, ""))
+    mlp = str(simplify_irreps(repeat_irreps(e3nn.Irreps(config["MLP_irreps"]), n_heads)))
+    for i in range(n - 1):
+        last = i == n - 2
+        out = scalars if last and not config["keep_last_layer_irreps"] else str(hidden)
+        layers.append(LayerIrreps(config["interaction"], str(hidden), interaction_irreps, out, correlation[i + 1], True))
+        if last:
+            readouts.append(ReadoutIrreps(True, out, mlp))
+        elif not config["use_last_readout_only"]:
+            readouts.append(ReadoutIrreps(False, str(hidden), ""))
+    return layers, readouts
+
+
+def check_supported(config: dict[str, Any], where: str = "config") -> None:
+    """Raise UnsupportedModelError for any option outside what this module reproduces."""
+
+    def fail(option, value, cls="MACE"):
+        raise UnsupportedModelError(f"{where}: {cls} option {option}={value!r} is not supported by the Flax MACE")
+
+    if config["mace_class"] not in ("MACE", "ScaleShiftMACE"):
+        fail("model class", config["mace_class"], config["mace_class"])
+    for key in ("interaction_first", "interaction"):
+        if config[key] not in INTERACTION_CLASSES:
+            fail(key, config[key], config[key])
+    if config["distance_transform"] not in DISTANCE_TRANSFORMS:
+        fail("distance_transform", config["distance_transform"])
+    if config["gate"] is not None and config["gate"] not in ACTIVATIONS:
+        fail("gate", config["gate"], "NonLinearReadoutBlock")
+    if not 0 <= config["max_ell"] <= 3:
+        fail("max_ell", config["max_ell"])
+    hidden = e3nn.Irreps(config["hidden_irreps"])
+    channels = hidden[0].mul if len(hidden) else 0
+    expected = e3nn.Irreps([(channels, (l, (-1) ** l)) for l in range(len(hidden))])
+    if len(hidden) == 0 or len(hidden) > 3 or hidden != expected or channels == 0:
+        fail("hidden_irreps", config["hidden_irreps"])
+    if any(not 1 <= c <= 3 for c in config["correlation"]) or len(config["correlation"]) != config["num_interactions"]:
+        fail("correlation", list(config["correlation"]))
+    if config["head"] not in config["heads"]:
+        fail("head", config["head"])
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------
+
+
+def _segment_sum(data: jax.Array, segments: jax.Array, n: int) -> jax.Array:
+    return jax.ops.segment_sum(data, segments, num_segments=n)
+
+
+def _stack_irreps(x: e3nn.IrrepsArray) -> jax.Array:
+    """mace `reshape_irreps`: (N, [C x ir1, C x ir2, ...]) -> (N, C, sum dims)."""
+    return jnp.concatenate(
+        [c if c is not None else jnp.zeros(x.shape[:-1] + (m.mul, m.ir.dim), x.dtype) for c, m in zip(x.chunks, x.irreps)],
+        axis=-1,
+    )
+
+
+class InteractionBlock(nn.Module):
+    """The four RealAgnostic interaction blocks of mace (`blocks.py`).
+
+    Residual variants return the skip connection skip_tp(h, attrs) to the
+    product; the others apply skip_tp to the message. Density variants divide
+    the message by 1 + sum_j tanh(MLP(radial)^2) instead of avg_num_neighbors.
+    """
+
+    kind: str
+    node_feats_irreps: str
+    edge_attrs_irreps: str
+    target_irreps: str
+    hidden_irreps: str
+    num_elements: int
+    num_bessel: int
+    radial_MLP: tuple[int, ...]
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, node_attrs, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff):
+        """Returns (message IrrepsArray of target irreps (N,), skip IrrepsArray or None)."""
+        residual = "Residual" in self.kind
+        density = "Density" in self.kind
+        n_nodes = node_feats.shape[0]
+        attrs_irreps = f"{self.num_elements}x0e"
+        avg_num_neighbors = self.variable("constants", "avg_num_neighbors", lambda: jnp.asarray(1.0, self.param_dtype))
+        sc = None
+        if residual:
+            sc = FullyConnectedTensorProduct(
+                self.node_feats_irreps, attrs_irreps, self.hidden_irreps, self.param_dtype, name="skip_tp"
+            )(node_feats, node_attrs)
+        node_feats = Linear(self.node_feats_irreps, self.node_feats_irreps, self.param_dtype, name="linear_up")(node_feats)
+        irreps_in = e3nn.Irreps(self.node_feats_irreps)
+        irreps_edge = e3nn.Irreps(self.edge_attrs_irreps)
+        irreps_mid, instructions = conv_tp_structure(irreps_in, irreps_edge, e3nn.Irreps(self.target_irreps))
+        tp = tp_path_weights(irreps_in, irreps_edge, irreps_mid, instructions)
+        weight_numel = sum(int(np.prod(ins.shape)) for ins in tp)
+        tp_weights = FullyConnectedNet(
+            (self.num_bessel,) + tuple(self.radial_MLP) + (weight_numel,), "silu", self.param_dtype, name="conv_tp_weights"
+        )(edge_feats)
+        if cutoff is not None:
+            tp_weights = tp_weights * cutoff[:, None]
+        if density:
+            edge_density = jnp.tanh(
+                FullyConnectedNet((self.num_bessel, 1), "silu", self.param_dtype, name="density_fn")(edge_feats) ** 2
+            )
+            if cutoff is not None:
+                edge_density = edge_density * cutoff[:, None]
+            node_density = _segment_sum(edge_density, receivers, n_nodes)
+        sent = e3nn.IrrepsArray(node_feats.irreps, node_feats.array[senders])
+        mji = TensorProduct(
+            str(irreps_in), str(irreps_edge), str(irreps_mid), tuple(instructions), self.param_dtype, name="conv_tp"
+        )(sent, edge_attrs, tp_weights)
+        message = e3nn.IrrepsArray(irreps_mid, _segment_sum(mji.array, receivers, n_nodes))
+        message = Linear(str(irreps_mid), self.target_irreps, self.param_dtype, name="linear")(message)
+        if density:
+            message = e3nn.IrrepsArray(message.irreps, message.array / (node_density + 1))
+        else:
+            message = e3nn.IrrepsArray(message.irreps, message.array / avg_num_neighbors.value)
+        if not residual:
+            message = FullyConnectedTensorProduct(
+                self.target_irreps, attrs_irreps, self.target_irreps, self.param_dtype, name="skip_tp"
+            )(message, node_attrs)
+        return message, sc
+
+
+class SymmetricContraction(nn.Module):
+    """mace `SymmetricContraction`: per output irrep, sum_nu of U_nu-contracted nu-fold products.
+
+    For each output irrep L (2L+1 = M) and correlation nu, with x (N, C, D)
+    the stacked irreps of the input and W_nu[species] (N, K_nu, C):
+
+        out = x . (U_nu_max . W_nu_max)
+        out = x . (U_nu . W_nu + out)       for nu = nu_max - 1, ..., 1
+
+    each `x .` contracting the last of U's D-sized indices, as mace does.
+
+    Attributes:
+        num_params: per output irrep, K_nu for nu = 1..correlation (the last
+            axis of mace's U_matrix_nu buffers).
+    """
+
+    irreps_in: str
+    irreps_out: str
+    correlation: int
+    num_elements: int
+    num_params: tuple[tuple[int, ...], ...]
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, x: e3nn.IrrepsArray, species: jax.Array) -> e3nn.IrrepsArray:
+        irreps_out = e3nn.Irreps(self.irreps_out)
+        stacked = _stack_irreps(x)  # (N, C, D)
+        n, channels, dim = stacked.shape
+        chunks = []
+        letters = "abdefghij"
+        for (mul, ir), sizes in zip(irreps_out, self.num_params):
+            m_shape = (ir.dim,) if ir.l > 0 else ()
+            out = None
+            for nu in range(self.correlation, 0, -1):
+                k = sizes[nu - 1]
+                u = self.variable(
+                    "constants", f"U[{ir},nu={nu}]", lambda s=m_shape + (dim,) * nu + (k,): jnp.zeros(s, self.param_dtype)
+                ).value
+                if ir.l == 0:
+                    u = u[None]
+                w = self.param(f"w[{ir},nu={nu}]", nn.initializers.normal(1.0 / k), (self.num_elements, k, channels), self.param_dtype)
+                w_nodes = w[species]  # (N, K, C)
+                kept = letters[: nu - 1]
+                if out is None:
+                    t = jnp.einsum("zkc,zci->zcki", w_nodes, stacked)
+                    out = jnp.einsum(f"zcki,m{kept}ik->zcm{kept}", t, u)
+                else:
+                    full = letters[:nu]
+                    c_tensor = jnp.einsum(f"m{full}k,zkc->zcm{full}", u, w_nodes) + out
+                    out = jnp.einsum(f"zcm{kept}i,zci->zcm{kept}", c_tensor, stacked)
+            chunks.append(out)  # (N, C, 2L+1)
+        return e3nn.from_chunks(irreps_out, chunks, (n,), stacked.dtype)
+
+
+class ProductBlock(nn.Module):
+    """mace `EquivariantProductBasisBlock`: symmetric contraction, linear, + skip."""
+
+    irreps_in: str
+    irreps_out: str
+    correlation: int
+    num_elements: int
+    num_params: tuple[tuple[int, ...], ...]
+    use_sc: bool
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, node_feats, sc, species):
+        out = SymmetricContraction(
+            self.irreps_in, self.irreps_out, self.correlation, self.num_elements, self.num_params, self.param_dtype,
+            name="symmetric_contractions",
+        )(node_feats, species)
+        out = Linear(self.irreps_out, self.irreps_out, self.param_dtype, name="linear")(out)
+        if self.use_sc and sc is not None:
+            out = e3nn.IrrepsArray(out.irreps, out.array + sc.array)
+        return out
+
+
+class Readout(nn.Module):
+    """mace `LinearReadoutBlock` / `NonLinearReadoutBlock`, evaluated for one head.
+
+    Returns (N,) the chosen head's column.
+    """
+
+    irreps_in: str
+    nonlinear: bool
+    mlp_irreps: str
+    gate: str | None
+    num_heads: int
+    head_index: int
+    param_dtype: Any = jnp.float64
+
+    @nn.compact
+    def __call__(self, x: e3nn.IrrepsArray) -> jax.Array:
+        out_irreps = f"{self.num_heads}x0e"
+        if not self.nonlinear:
+            return Linear(self.irreps_in, out_irreps, self.param_dtype, name="linear")(x).array[:, self.head_index]
+        h = Linear(self.irreps_in, self.mlp_irreps, self.param_dtype, name="linear_1")(x).array
+        if self.gate is not None:
+            act_norm = self.variable(
+                "constants", "act_norm", lambda: jnp.asarray(normalize2mom_constant(self.gate), self.param_dtype)
+            ).value
+            h = ACTIVATIONS[self.gate](h) * act_norm
+        if self.num_heads > 1:
+            width = h.shape[-1] // self.num_heads
+            mask = np.zeros(h.shape[-1])
+            mask[self.head_index * width : (self.head_index + 1) * width] = 1.0
+            h = h * jnp.asarray(mask, h.dtype)
+        h = e3nn.IrrepsArray(self.mlp_irreps, h)
+        return Linear(self.mlp_irreps, out_irreps, self.param_dtype, name="linear_2")(h).array[:, self.head_index]
+
+
+# ---------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------
+
+
+class MACE(nn.Module):
+    """mace-torch `MACE` / `ScaleShiftMACE` evaluating one head; see the module docstring.
+
+    Attributes mirror mace's constructor arguments (config keys of the same
+    name); `product_num_params[t][o]` holds K_nu (nu = 1..correlation) of
+    layer t's output irrep o.
+    """
+
+    mace_class: str
+    atomic_numbers: tuple[int, ...]
+    r_max: float
+    num_bessel: int
+    num_polynomial_cutoff: int
+    max_ell: int
+    interaction_first: str
+    interaction: str
+    num_interactions: int
+    hidden_irreps: str
+    MLP_irreps: str
+    correlation: tuple[int, ...]
+    gate: str | None
+    radial_MLP: tuple[int, ...]
+    pair_repulsion: bool
+    distance_transform: str
+    apply_cutoff: bool
+    use_last_readout_only: bool
+    keep_last_layer_irreps: bool
+    heads: tuple[str, ...]
+    head: str
+    product_num_params: tuple[tuple[tuple[int, ...], ...], ...]
+    dtype: str = "float64"
+
+    CONFIG_KEYS = (
+        "mace_class", "atomic_numbers", "r_max", "num_bessel", "num_polynomial_cutoff", "max_ell",
+        "interaction_first", "interaction", "num_interactions", "hidden_irreps", "MLP_irreps", "correlation",
+        "gate", "radial_MLP", "pair_repulsion", "distance_transform", "apply_cutoff", "use_last_readout_only",
+        "keep_last_layer_irreps", "heads", "head", "product_num_params", "dtype",
+    )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MACE":
+        """The module a converted model's config describes (lists become tuples)."""
+        missing = [k for k in cls.CONFIG_KEYS if k not in config]
+        if missing:
+            raise UnsupportedModelError(f"MACE config lacks {', '.join(missing)}")
+        check_supported(config)
+
+        def frozen(value):
+            return tuple(frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+        return cls(**{k: frozen(config[k]) for k in cls.CONFIG_KEYS})
+
+    def config_dict(self) -> dict[str, Any]:
+        """The attributes as the config dict `from_config` reads."""
+        return {k: getattr(self, k) for k in self.CONFIG_KEYS}
+
+    @nn.compact
+    def __call__(self, vectors: jax.Array, species: jax.Array, senders: jax.Array, receivers: jax.Array) -> jax.Array:
+        """Node energies (N,) eV from edge vectors (E, 3) Å (centre -> neighbour) and species (N,)."""
+        dtype = jnp.dtype(self.dtype)
+        config = self.config_dict()
+        layers, readouts = mace_structure(config)
+        n_elements = len(self.atomic_numbers)
+        head_index = list(self.heads).index(self.head)
+        n_nodes = species.shape[0]
+
+        def const(name, shape, fill=0.0):
+            return self.variable("constants", name, lambda: jnp.full(shape, fill, dtype)).value
+
+        # Edges as mace sees them: from sender (neighbour) to receiver (centre).
+        vectors = -vectors
+        lengths = jnp.linalg.norm(vectors, axis=-1)
+        z_table = jnp.asarray(self.atomic_numbers)
+        z_nodes = z_table[species]
+        node_attrs = e3nn.IrrepsArray(f"{n_elements}x0e", jax.nn.one_hot(species, n_elements, dtype=dtype))
+
+        node_e0 = const("atomic_energies", (n_elements,))[species]
+        channels = e3nn.Irreps(self.hidden_irreps).count("0e")
+        node_feats = Linear(f"{n_elements}x0e", f"{channels}x0e", dtype, name="node_embedding")(node_attrs)
+        edge_attrs = e3nn.spherical_harmonics(
+            sh_irreps(self.max_ell), vectors / lengths[:, None], normalize=False, normalization="component"
+        )
+        edge_feats, cutoff = RadialEmbedding(
+            self.num_bessel, self.num_polynomial_cutoff, self.distance_transform, self.apply_cutoff, self.dtype,
+            name="radial_embedding",
+        )(lengths, z_table[species[senders]], z_table[species[receivers]])
+
+        if self.pair_repulsion:
+            pair = self._pair_repulsion(lengths, z_nodes[senders], z_nodes[receivers], receivers, n_nodes, dtype)
+        else:
+            pair = jnp.zeros_like(node_e0)
+
+        features = []
+        for t, layer in enumerate(layers):
+            message, sc = InteractionBlock(
+                layer.interaction, layer.node_feats, str(sh_irreps(self.max_ell)), layer.target, layer.hidden_out,
+                n_elements, self.num_bessel, tuple(self.radial_MLP), dtype, name=f"interactions_{t}",
+            )(node_attrs, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff)
+            node_feats = ProductBlock(
+                layer.target, layer.hidden_out, layer.correlation, n_elements, self.product_num_params[t], layer.use_sc,
+                dtype, name=f"products_{t}",
+            )(message, sc, species)
+            features.append(node_feats)
+
+        node_es = [pair]
+        for t, readout in enumerate(readouts):
+            feats = features[-1] if len(readouts) == 1 else features[t]
+            node_es.append(
+                Readout(
+                    readout.irreps_in, readout.nonlinear, readout.mlp, self.gate, len(self.heads), head_index, dtype,
+                    name=f"readouts_{t}",
+                )(feats)
+            )
+        interaction_energy = jnp.sum(jnp.stack(node_es, axis=0), axis=0)
+        if self.mace_class == "ScaleShiftMACE":
+            scale = self.variable("constants", "scale_shift", lambda: {"scale": jnp.ones((), dtype), "shift": jnp.zeros((), dtype)}).value
+            return node_e0 + (scale["scale"] * interaction_energy + scale["shift"])
+        return node_e0 + interaction_energy
+
+    def _pair_repulsion(self, lengths, z_u, z_v, receivers, n_nodes, dtype):
+        """ZBL node energies (N,) eV (mace `ZBLBasis`), summed onto receivers."""
+        zbl = self.variable(
+            "constants",
+            "pair_repulsion",
+            lambda: {
+                "c": jnp.asarray([0.1818, 0.5099, 0.2802, 0.02817], dtype),
+                "a_exp": jnp.asarray(0.300, dtype),
+                "a_prefactor": jnp.asarray(0.4543, dtype),
+                "covalent_radii": jnp.asarray(ase.data.covalent_radii, dtype),
+            },
+        ).value
+        radii = zbl["covalent_radii"]
+        r_max = radii[z_u] + radii[z_v]
+        v_edges = zbl_edge_energy(
+            lengths, z_u.astype(dtype), z_v.astype(dtype), r_max, zbl["c"], zbl["a_exp"], zbl["a_prefactor"],
+            self.num_polynomial_cutoff,
+        )
+        return _segment_sum(v_edges, receivers, n_nodes)
+
+
+class RadialEmbedding(nn.Module):
+    """mace `RadialEmbeddingBlock`: Bessel basis of (optionally Agnesi-transformed) lengths times the envelope.
+
+    Returns (edge_feats (E, num_bessel), cutoff (E,) or None): with
+    apply_cutoff the envelope is already in edge_feats and cutoff is None.
+    """
+
+    num_bessel: int
+    p: int
+    distance_transform: str
+    apply_cutoff: bool
+    dtype: str
+
+    @nn.compact
+    def __call__(self, lengths, z_u, z_v):
+        dtype = jnp.dtype(self.dtype)
+        bessel_weights = self.variable("constants", "bessel_weights", lambda: jnp.zeros((self.num_bessel,), dtype)).value
+        prefactor = self.variable("constants", "prefactor", lambda: jnp.zeros((), dtype)).value
+        r_max = self.variable("constants", "r_max", lambda: jnp.zeros((), dtype)).value
+        cutoff = polynomial_cutoff(lengths, r_max, self.p)
+        if self.distance_transform == "Agnesi":
+            agnesi = self.variable(
+                "constants",
+                "agnesi",
+                lambda: {
+                    "a": jnp.asarray(1.0805, dtype),
+                    "q": jnp.asarray(0.9183, dtype),
+                    "p": jnp.asarray(4.5791, dtype),
+                    "covalent_radii": jnp.asarray(ase.data.covalent_radii, dtype),
+                },
+            ).value
+            radii = agnesi["covalent_radii"]
+            r_0 = 0.5 * (radii[z_u] + radii[z_v])
+            lengths = agnesi_transform(lengths, r_0, agnesi["a"], agnesi["q"], agnesi["p"])
+        radial = bessel_basis(lengths, bessel_weights, prefactor)
+        if not self.apply_cutoff:
+            return radial, cutoff
+        return radial * cutoff[:, None], None

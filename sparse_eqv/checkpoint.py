@@ -2,6 +2,10 @@
 
     MODEL_DIR/config.json     architecture, element table, dtype, source file
     MODEL_DIR/variables/      orbax PyTree: {"params": ..., "constants": ...}
+
+A fine-tuning run directory holds its result as the model directory
+RUN_DIR/model (see `sparse_eqv.finetune.run`); `load_for_inference` accepts
+either.
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ def load_model(directory: str | Path) -> tuple[dict[str, Any], Any]:
     config = json.loads(config_path.read_text())
     variables = ocp.PyTreeCheckpointer().restore((directory / VARIABLES_DIR).absolute())
     return config, variables
+
+
+RUN_MODEL_DIR = "model"
+
+
+def load_for_inference(path: str | Path) -> tuple[dict[str, Any], Any]:
+    """(config, variables) of a model directory or of a fine-tuning run
+    directory (its best epoch's effective params, merged into the base)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists():
+        return load_model(path)
+    if (path / RUN_MODEL_DIR / CONFIG_FILE).exists():
+        return load_model(path / RUN_MODEL_DIR)
+    if (path / "run.json").exists():
+        raise CheckpointError(f"{path}: this fine-tuning run has not finished an epoch yet (no {RUN_MODEL_DIR}/)")
+    raise CheckpointError(f"{path}: neither a model directory (no {CONFIG_FILE}) nor a fine-tuning run directory")
 
 
 def _to_numpy(tree: Any) -> Any:

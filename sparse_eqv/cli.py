@@ -46,11 +46,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from sparse_eqv.atomic_write import atomic_file
-    from sparse_eqv.checkpoint import load_model
+    from sparse_eqv.checkpoint import load_for_inference
     from sparse_eqv.data.readers import read_frames
     from sparse_eqv.inference import Predictor
 
-    config, variables = load_model(args.model)
+    config, variables = load_for_inference(args.model)
     frames = read_frames(args.data, energy_key=args.energy_key, forces_key=args.forces_key, stress_key=args.stress_key)
     predictor = Predictor(config, variables)
     started = time.perf_counter()
@@ -71,6 +71,74 @@ def cmd_predict(args: argparse.Namespace) -> None:
         f"wrote {len(images)} frames to {args.output} ({elapsed:.1f} s, "
         f"{len(predictor.budgets)} compilation(s))"
     )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from sparse_eqv.finetune.losses import LossWeights
+    from sparse_eqv.finetune.loop import TrainConfig
+    from sparse_eqv.finetune.run import MethodOptions, finetune
+
+    method = MethodOptions(
+        method=args.method, targets=tuple(args.targets), per_path=args.per_path,
+        delta_std=args.delta_std, init_threshold=args.init_threshold, rank=args.rank, alpha=args.alpha,
+    )
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, score_lr=args.score_lr,
+        threshold_decay=args.threshold_decay, dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+        schedule=args.schedule, patience=args.patience, ema_decay=args.ema_decay,
+        checkpoint_every=args.checkpoint_every,
+        weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta),
+    )
+    result = finetune(
+        args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
+        test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
+        n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet,
+    )
+    valid, spars = result["valid"], result["sparsity"]
+    layer = f", layer sparsity {spars['layer_sparsity']:.1%}" if "layer_sparsity" in spars else ""
+    print(
+        f"{args.method}: best epoch {result['best_epoch']}/{result['epochs']}, valid E MAE "
+        f"{_fmt(valid['energy_mae'])} meV/atom, F MAE {_fmt(valid['forces_mae'])} meV/Å{layer}, total sparsity "
+        f"{spars['total_sparsity']:.1%}, {result['s_per_epoch']:.1f} s/epoch, "
+        f"{sum(result['compiles'].values())} compilation(s) -> {args.output}"
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from tqdm import tqdm
+
+    from sparse_eqv.atomic_write import atomic_file
+    from sparse_eqv.finetune.evaluate import evaluate
+
+    with tqdm(unit="frame", desc="evaluate", disable=args.quiet) as bar:
+        result = evaluate(args.model, args.data, max_atoms=args.batch_atoms, progress=bar, read_options=_read_options(args))
+    for name in ("raw", "e0_fit"):
+        if name in result:
+            m = result[name]
+            print(
+                f"{name:7s} E MAE {_fmt(m['energy_mae'])} RMSE {_fmt(m['energy_rmse'])} meV/atom | "
+                f"F MAE {_fmt(m['forces_mae'])} RMSE {_fmt(m['forces_rmse'])} meV/Å | "
+                f"S MAE {_fmt(m['stress_mae'])} RMSE {_fmt(m['stress_rmse'])} meV/Å^3 ({m['n_frames']} frames)"
+            )
+    if args.json is not None:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _read_options(args: argparse.Namespace) -> dict[str, str]:
+    return {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key}
+
+
+def _add_label_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--energy-key", default="energy", help="extxyz info key of the energy label")
+    p.add_argument("--forces-key", default="forces", help="extxyz array key of the forces label")
+    p.add_argument("--stress-key", default="stress", help="extxyz info key of the stress label")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +168,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-atoms", type=int, default=1024, help="atoms per batch (lower it if memory runs out)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("finetune", help="fine-tune a model: STR sparse deltas, full, ELoRA or from scratch")
+    p.add_argument("model", type=Path, help="model directory (from convert)")
+    p.add_argument("--train", required=True, type=Path, help="training data (extxyz, rMD17 .npz, DeePMD dir, mlearn .json)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--valid", type=Path, help="validation data")
+    group.add_argument("--valid-fraction", type=float, default=0.1, help="else split this fraction off --train (seeded)")
+    p.add_argument("--test", type=Path, help="test data, evaluated with the best epoch's params")
+    p.add_argument("--method", choices=("str", "full", "elora", "scratch"), default="str")
+    p.add_argument("--targets", nargs="+", default=["default"],
+                   help="default (linear layers + tensor products with internal weights), all (adds symmetric "
+                        "contractions and radial MLPs), a role, or leaf-path patterns")
+    p.add_argument("--threshold-decay", type=float, default=0.05, help="STR: weight decay lambda_tau on the scores")
+    p.add_argument("--per-path", action="store_true", help="STR: one threshold per e3nn path instead of per layer")
+    p.add_argument("--delta-std", type=float, default=0.01, help="STR: std of the initial delta")
+    p.add_argument("--init-threshold", type=float, default=1e-3, help="STR: sigmoid(score) at the start")
+    p.add_argument("--score-lr", type=float, default=None, help="STR: learning rate of the scores (default --lr)")
+    p.add_argument("--rank", type=int, default=16, help="ELoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="ELoRA scale alpha (delta = alpha/r A B)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=4, help="frames per step, over all devices")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of dense params (full, scratch)")
+    p.add_argument("--clip-norm", type=float, default=10.0, help="global gradient-norm clip")
+    p.add_argument("--schedule", choices=("plateau", "cosine", "constant"), default="plateau")
+    p.add_argument("--patience", type=int, default=None, help="early stopping after N epochs without improvement")
+    p.add_argument("--ema-decay", type=float, default=None, help="exponential moving average of the weights")
+    p.add_argument("--energy-weight", type=float, default=1.0)
+    p.add_argument("--forces-weight", type=float, default=100.0)
+    p.add_argument("--stress-weight", type=float, default=1.0)
+    p.add_argument("--huber-delta", type=float, default=None, help="Huber loss with this delta instead of squares")
+    p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
+                   help="fit per-element reference energies on the training set first, or keep the model's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument("-o", "--output", required=True, type=Path, help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_label_keys(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="MAE/RMSE of energy, forces, stress (raw and after an E0 fit)")
+    p.add_argument("model", type=Path, help="model directory or fine-tuning run directory")
+    p.add_argument("--data", required=True, type=Path, help="labelled data")
+    p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--batch-atoms", type=int, default=1024, help="atoms per batch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_label_keys(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

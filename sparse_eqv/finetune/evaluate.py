@@ -1,0 +1,41 @@
+"""Errors of a model (zero-shot) or a fine-tuned run on a labelled data set.
+
+Reported twice: raw, and after a least-squares per-element E0 shift fitted
+on the same data (`sparse_eqv.finetune.e0s`), which removes a difference of
+energy reference (DFT code, functional, pseudopotentials) so that a
+zero-shot foundation model and a fine-tuned one are compared fairly. Forces
+and stress do not depend on the shift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import ase.data
+
+from sparse_eqv.checkpoint import load_for_inference
+from sparse_eqv.data.readers import read_frames
+from sparse_eqv.finetune.e0s import composition, fit_e0_shift
+from sparse_eqv.finetune.losses import error_metrics
+from sparse_eqv.inference import Predictor
+
+
+def evaluate(path: str | Path, data: str | Path, *, max_atoms: int = 1024, progress: Iterable | None = None,
+             read_options: dict[str, str] | None = None) -> dict[str, Any]:
+    """Metrics (meV/atom, meV/Å, meV/Å^3) of the model or run at `path` on `data`."""
+    config, variables = load_for_inference(path)
+    frames = read_frames(data, **(read_options or {}))
+    predictions = Predictor(config, variables).predict(frames, max_atoms=max_atoms, progress=progress)
+    numbers = config["atomic_numbers"]
+    out: dict[str, Any] = {
+        "model": str(path),
+        "data": str(data),
+        "finetuned": "finetuned" in config,
+        "raw": error_metrics(frames, predictions),
+    }
+    if any(f.energy is not None for f in frames):
+        shift = fit_e0_shift(frames, [p["energy"] for p in predictions], numbers)
+        out["e0_fit"] = error_metrics(frames, predictions, composition(frames, numbers) @ shift)
+        out["e0_shift_eV"] = {ase.data.chemical_symbols[z]: float(s) for z, s in zip(numbers, shift) if s != 0.0}
+    return out

@@ -1,0 +1,468 @@
+"""The fine-tuning loop: one jitted, data-parallel train step over padded batches.
+
+Data parallel: a batch of `batch_size` frames is split into one shard per
+device; every shard is padded to the same budget and the shards are stacked
+on a leading axis that is sharded over a 1-d device `Mesh` ("data"). The
+step vmaps the per-shard loss sums over that axis and adds them up, so the
+loss (and its gradient) is that of the whole batch whatever the number of
+devices; XLA inserts the all-reduce. State is replicated.
+
+Compilation: budgets come from a geometric grid (`GraphBudget.round_up`)
+with a fixed number of graphs per shard, so an epoch compiles a handful of
+times; the number of traces of each jitted function is counted.
+
+Determinism and resume: the order of the training frames in epoch e is a
+permutation drawn from numpy's generator seeded by (seed, e). The loader
+position (epoch, next batch) and everything else the run depends on (trainable
+tree, optimiser state, EMA, schedule and early-stopping counters, the log
+rows) is in `TrainState`, which is checkpointed with orbax; a run killed
+anywhere and resumed from its last checkpoint ends with the same params as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import jraph
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sparse_eqv.atomic_write import atomic_directory
+from sparse_eqv.data.frames import Frame
+from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
+from sparse_eqv.errors import CheckpointError, DataError
+from sparse_eqv.finetune.losses import LossWeights, error_metrics, loss_sums, total_loss
+from sparse_eqv.finetune.optim import make_optimizer, scale_updates
+from sparse_eqv.potential import energy_forces_stress
+
+STATE_FILE = "state.json"
+ARRAYS_DIR = "arrays"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Options of a fine-tuning run (the CLI's flags).
+
+    Attributes:
+        epochs, batch_size (frames per step, over all devices), lr, seed.
+        score_lr: STR score learning rate (None: lr).
+        threshold_decay: lambda_tau, weight decay on STR scores.
+        dense_weight_decay: weight decay on dense leaves (full, scratch).
+        clip_norm: global gradient-norm clip (None: off).
+        schedule: "plateau", "cosine" or "constant".
+        plateau_factor, plateau_patience: lr *= factor after `patience`
+            epochs without a better validation loss.
+        patience: early stopping after this many epochs without improvement (None: off).
+        ema_decay: exponential moving average of trainable leaves (None: off);
+            validation, best and final params use the average.
+        checkpoint_every: save the training state every this many steps
+            (and at the end of every epoch).
+        weights: loss weights.
+    """
+
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    score_lr: float | None = None
+    threshold_decay: float = 0.05
+    dense_weight_decay: float = 0.0
+    clip_norm: float | None = 10.0
+    schedule: str = "plateau"
+    plateau_factor: float = 0.8
+    plateau_patience: int = 3
+    patience: int | None = None
+    ema_decay: float | None = None
+    checkpoint_every: int = 50
+    weights: LossWeights = LossWeights()
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a run depends on; checkpointed whole.
+
+    Attributes:
+        tree: the method's trainable tree (frozen base included).
+        opt_state: optax state (none for frozen leaves).
+        ema: moving average of `tree`, or None.
+        step: optimiser steps done.
+        epoch: current epoch (0-based); batch: next batch within it (loader position).
+        lr_scale: schedule factor on the peak lr (plateau).
+        best_loss, best_epoch: best validation loss so far.
+        plateau_best, bad_epochs: plateau-schedule counters.
+        epoch_loss, epoch_batches: running train loss of the current epoch.
+        stopped: early stopping triggered.
+        wall: seconds spent training (summed over resumed sessions).
+        history: one dict per finished epoch (the CSV log rows).
+    """
+
+    tree: Any
+    opt_state: Any
+    ema: Any
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    lr_scale: float = 1.0
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    plateau_best: float = math.inf
+    bad_epochs: int = 0
+    epoch_loss: float = 0.0
+    epoch_batches: int = 0
+    stopped: bool = False
+    wall: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+
+    _SCALARS = (
+        "step", "epoch", "batch", "lr_scale", "best_loss", "best_epoch", "plateau_best",
+        "bad_epochs", "epoch_loss", "epoch_batches", "stopped", "wall", "history",
+    )
+
+    def arrays(self) -> dict[str, Any]:
+        return {"tree": self.tree, "opt_state": self.opt_state, "ema": self.ema}
+
+    def scalars(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._SCALARS}
+
+
+def save_state(directory: Path, state: TrainState) -> None:
+    """Write the state atomically: orbax arrays (flattened leaves) + JSON scalars."""
+    leaves = jax.tree.leaves(state.arrays())
+    with atomic_directory(directory, overwrite=True) as tmp:
+        arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(leaves)}
+        ocp.PyTreeCheckpointer().save((tmp / ARRAYS_DIR).absolute(), arrays)
+        scalars = state.scalars()
+        scalars["n_leaves"] = len(leaves)
+        (tmp / STATE_FILE).write_text(json.dumps(scalars, indent=1))
+
+
+def restore_state(directory: Path, template: TrainState) -> TrainState:
+    """Read a state saved by `save_state`; `template` gives the tree structure."""
+    treedef = jax.tree.structure(template.arrays())
+    template_leaves = jax.tree.leaves(template.arrays())
+    scalars = json.loads((directory / STATE_FILE).read_text())
+    if scalars.pop("n_leaves") != len(template_leaves):
+        raise CheckpointError(f"{directory}: checkpoint does not match this run's method and model (leaf count)")
+    arrays = ocp.PyTreeCheckpointer().restore((directory / ARRAYS_DIR).absolute())
+    leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
+    for i, (a, b) in enumerate(zip(leaves, template_leaves)):
+        if a.shape != np.shape(b):
+            raise CheckpointError(f"{directory}: leaf {i} has shape {a.shape}, this run expects {np.shape(b)}")
+    restored = jax.tree.unflatten(treedef, leaves)
+    return TrainState(**restored, **scalars)
+
+
+def make_graphs(frames: Sequence[Frame], atomic_numbers: Sequence[int], cutoff: float) -> list[jraph.GraphsTuple]:
+    """One graph per frame; raises DataError naming the frame on bad input."""
+    if not frames:
+        raise DataError("the training set is empty")
+    return [frame_to_graph(f, atomic_numbers, cutoff) for f in frames]
+
+
+def _masked_copy(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
+    """The same graph with every label weight 0: fills an empty shard."""
+    weights = {k: np.zeros_like(v) for k, v in graph.globals.items() if k.endswith("_weight")}
+    return graph._replace(globals={**graph.globals, **weights})
+
+
+class Trainer:
+    """Fine-tunes one method on one model; also evaluates any params.
+
+    Args:
+        module: the Flax model (`build_model(config)`).
+        constants: the model's constants (never trained).
+        method: STR, ELoRA or Full (see `sparse_eqv.finetune`).
+        base_params: the params the method starts from.
+        train_config: options.
+        n_devices: local devices to use (default: all).
+        dtype: float dtype of graphs and params.
+    """
+
+    def __init__(
+        self,
+        module,
+        constants: Any,
+        method,
+        base_params: Any,
+        train_config: TrainConfig,
+        *,
+        n_devices: int | None = None,
+        dtype=jnp.float64,
+    ):
+        self.module = module
+        self.method = method
+        self.config = train_config
+        self.dtype = dtype
+        devices = jax.local_devices()
+        self.n_devices = len(devices) if n_devices is None else n_devices
+        if not 1 <= self.n_devices <= len(devices):
+            raise ValueError(f"n_devices={n_devices}, but {len(devices)} local device(s) are available")
+        self.mesh = Mesh(np.array(devices[: self.n_devices]), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.constants = self._put(constants)
+        self.base_params = base_params
+        self.compiles = {"train": 0, "eval": 0}
+        self.budgets: set[GraphBudget] = set()
+        rng = jax.random.PRNGKey(train_config.seed)
+        tree = self._cast(method.init(base_params, rng))
+        self.labels = method.labels(tree)
+        self.optimizer = make_optimizer(
+            self.labels,
+            lr=train_config.lr,
+            threshold_decay=train_config.threshold_decay,
+            score_lr=train_config.score_lr,
+            dense_weight_decay=train_config.dense_weight_decay,
+            clip_norm=train_config.clip_norm,
+        )
+        self.initial_tree = tree
+        self.total_steps: int | None = None
+        self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
+        self._eval_step = jax.jit(self._evaluate_batch)
+        self._effective = jax.jit(method.effective)
+
+    # -- state -------------------------------------------------------------
+
+    def _cast(self, tree):
+        return jax.tree.map(lambda x: jnp.asarray(x, self.dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
+
+    def _put(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def initial_state(self) -> TrainState:
+        tree = self._put(self.initial_tree)
+        opt_state = self._put(self.optimizer.init(tree))
+        ema = jax.tree.map(jnp.copy, tree) if self.config.ema_decay else None
+        return TrainState(tree=tree, opt_state=opt_state, ema=ema)
+
+    def restore(self, directory: Path) -> TrainState:
+        state = restore_state(directory, self.initial_state())
+        state.tree, state.opt_state, state.ema = self._put((state.tree, state.opt_state, state.ema))
+        return state
+
+    # -- batches -----------------------------------------------------------
+
+    def shard_size(self) -> int:
+        return -(-self.config.batch_size // self.n_devices)
+
+    def stack(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[jraph.GraphsTuple, list[list[int]]]:
+        """Split frames `indices` into one shard per device, pad alike, stack.
+
+        Returns:
+            the stacked batch (leading axis: device) placed on the mesh, and
+            the frame indices of each shard (real graphs come first).
+        """
+        per = -(-len(indices) // self.n_devices)
+        shards = [list(indices[d * per : (d + 1) * per]) for d in range(self.n_devices)]
+        parts = [[graphs[i] for i in s] or [_masked_copy(graphs[indices[0]])] for s in shards]
+        n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
+        n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
+        budget = GraphBudget.round_up(n_node, n_edge, self.shard_size())
+        self.budgets.add(budget)
+        padded = [batch_graphs(p, budget) for p in parts]
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
+        stacked = jax.tree.map(lambda x: x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x, stacked)
+        return jax.device_put(stacked, self.sharded), shards
+
+    def epoch_batches(self, n_frames: int, epoch: int) -> list[list[int]]:
+        """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch))."""
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(n_frames)
+        b = self.config.batch_size
+        return [order[i : i + b].tolist() for i in range(0, n_frames, b)]
+
+    # -- jitted functions --------------------------------------------------
+
+    def _variables(self, params, constants):
+        return {"params": params, "constants": constants}
+
+    def _shard_sums(self, params, constants, graph):
+        pred = energy_forces_stress(self.module.apply, self._variables(params, constants), graph)
+        return loss_sums(pred, graph, self.config.weights), pred
+
+    def _batch_loss(self, tree, constants, batch):
+        params = self.method.effective(tree)
+        sums, _ = jax.vmap(lambda g: self._shard_sums(params, constants, g))(batch)
+        sums = jax.tree.map(lambda x: x.sum(0), sums)
+        return total_loss(sums, self.config.weights)
+
+    def _step(self, tree, opt_state, ema, constants, batch, lr_scale):
+        self.compiles["train"] += 1  # runs once per trace, i.e. per compilation
+        loss, grads = jax.value_and_grad(self._batch_loss)(tree, constants, batch)
+        updates, opt_state = self.optimizer.update(grads, opt_state, tree)
+        tree = optax.apply_updates(tree, scale_updates(updates, lr_scale))
+        if ema is not None:
+            decay = self.config.ema_decay
+            ema = jax.tree.map(
+                lambda label, e, t: t if label == "frozen" else decay * e + (1.0 - decay) * t, self.labels, ema, tree
+            )
+        return tree, opt_state, ema, loss
+
+    def _evaluate_batch(self, params, constants, batch):
+        self.compiles["eval"] += 1
+        sums, pred = jax.vmap(lambda g: self._shard_sums(params, constants, g))(batch)
+        return jax.tree.map(lambda x: x.sum(0), sums), pred
+
+    # -- public ------------------------------------------------------------
+
+    def effective_params(self, state: TrainState) -> Any:
+        """The params the model runs with (from the EMA when enabled)."""
+        return self._effective(state.ema if state.ema is not None else state.tree)
+
+    def train_step(self, state: TrainState, batch: jraph.GraphsTuple) -> float:
+        """One optimiser step in place on `state`; returns the batch loss."""
+        lr_scale = jnp.asarray(self.lr_scale(state), self.dtype)
+        state.tree, state.opt_state, state.ema, loss = self._train_step(
+            state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale
+        )
+        state.step += 1
+        return float(loss)
+
+    def lr_scale(self, state: TrainState) -> float:
+        """Factor on the peak lr: cosine over the run's steps, or the plateau factor."""
+        if self.config.schedule == "cosine":
+            total = self.total_steps or 1
+            return 0.5 * (1.0 + math.cos(math.pi * min(state.step, total) / max(total, 1)))
+        return state.lr_scale
+
+    def set_constants(self, constants: Any) -> None:
+        """Replace the model constants (e.g. after an E0 fit)."""
+        self.constants = self._put(constants)
+
+    def predict(self, params: Any, graphs: Sequence[jraph.GraphsTuple], frames: Sequence[Frame]) -> tuple[list[dict], float]:
+        """Per-frame predictions (energy, forces, stress) and the weighted loss."""
+        params = self._put(params)
+        out: list[dict | None] = [None] * len(frames)
+        total = None
+        for start in range(0, len(frames), self.config.batch_size):
+            indices = list(range(start, min(start + self.config.batch_size, len(frames))))
+            batch, shards = self.stack(graphs, indices)
+            sums, pred = self._eval_step(params, self.constants, batch)
+            pred = jax.tree.map(np.asarray, pred)
+            sums = {k: float(v) for k, v in sums.items()}
+            total = sums if total is None else {k: total[k] + sums[k] for k in total}
+            for d, shard in enumerate(shards):
+                offset = 0
+                for g, i in enumerate(shard):
+                    n = frames[i].num_atoms
+                    out[i] = {
+                        "energy": float(pred["energy"][d, g]),
+                        "forces": pred["forces"][d, offset : offset + n],
+                        "stress": pred["stress"][d, g],
+                    }
+                    offset += n
+        loss = float(total_loss({k: jnp.asarray(v) for k, v in total.items()}, self.config.weights))
+        return out, loss
+
+    def evaluate(self, params: Any, graphs, frames) -> dict[str, Any]:
+        """error_metrics plus the weighted loss."""
+        predictions, loss = self.predict(params, graphs, frames)
+        return {**error_metrics(frames, predictions), "loss": loss}
+
+    def fit(
+        self,
+        state: TrainState,
+        train: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]],
+        valid: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]],
+        *,
+        save: Callable[[TrainState, str], None] | None = None,
+        on_best: Callable[[TrainState, Any, dict], None] | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None,
+        progress: bool = True,
+    ) -> TrainState:
+        """Train from `state` to the last epoch (or early stop).
+
+        Args:
+            train, valid: (graphs, frames).
+            save: called as save(state, "last") every `checkpoint_every` steps
+                and after every epoch, and save(state, "best") on a new best.
+            on_best: called with (state, effective params, valid metrics) on a new best.
+            on_epoch: called after each epoch's row is appended to `state.history`.
+            progress: show a tqdm bar per epoch.
+        """
+        from tqdm import tqdm
+
+        train_graphs, train_frames = train
+        n_batches = -(-len(train_frames) // self.config.batch_size)
+        self.total_steps = n_batches * self.config.epochs
+        while state.epoch < self.config.epochs and not state.stopped:
+            started = time.perf_counter()
+            batches = self.epoch_batches(len(train_frames), state.epoch)
+            bar = tqdm(
+                total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
+                unit="batch", disable=not progress, leave=False,
+            )
+            while state.batch < len(batches):
+                batch, _ = self.stack(train_graphs, batches[state.batch])
+                loss = self.train_step(state, batch)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss} at step {state.step} (lower --lr?)")
+                state.epoch_loss += loss
+                state.epoch_batches += 1
+                state.batch += 1
+                state.wall += time.perf_counter() - started
+                started = time.perf_counter()
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.epoch_loss / state.epoch_batches:.4g}")
+                if save is not None and state.step % self.config.checkpoint_every == 0 and state.batch < len(batches):
+                    save(state, "last")
+            bar.close()
+            params = self.effective_params(state)
+            metrics = self.evaluate(params, *valid)
+            state.wall += time.perf_counter() - started
+            self._end_epoch(state, metrics, params, save, on_best)
+            if on_epoch is not None:
+                on_epoch(state)
+            if save is not None:
+                save(state, "last")
+        return state
+
+    def _end_epoch(self, state: TrainState, metrics: dict, params, save, on_best) -> None:
+        loss = metrics["loss"]
+        improved = loss < state.best_loss
+        if improved:
+            state.best_loss, state.best_epoch = loss, state.epoch
+        if loss < state.plateau_best * (1 - 1e-4):
+            state.plateau_best, state.bad_epochs = loss, 0
+        else:
+            state.bad_epochs += 1
+            if self.config.schedule == "plateau" and state.bad_epochs > self.config.plateau_patience:
+                state.lr_scale *= self.config.plateau_factor
+                state.bad_epochs = 0
+        row = {
+            "epoch": state.epoch + 1,
+            "step": state.step,
+            "lr": self.config.lr * self.lr_scale(state),
+            "train_loss": state.epoch_loss / max(state.epoch_batches, 1),
+            "valid_loss": loss,
+            **{f"valid_{k}": v for k, v in metrics.items() if k not in ("loss", "n_frames")},
+            "wall_s": state.wall,
+            "epoch_s": state.wall - (state.history[-1]["wall_s"] if state.history else 0.0),
+            "compiles": sum(self.compiles.values()),
+        }
+        if hasattr(self.method, "thresholded_delta"):
+            from sparse_eqv.sparsity import layer_sparsity
+
+            row["layer_sparsity"] = layer_sparsity(
+                {k: np.asarray(v) for k, v in self.method.thresholded_delta(state.ema or state.tree).items()}
+            )
+        state.history.append(row)
+        state.epoch += 1
+        state.batch = 0
+        state.epoch_loss, state.epoch_batches = 0.0, 0
+        if self.config.patience is not None and state.epoch - 1 - state.best_epoch >= self.config.patience:
+            state.stopped = True
+        if improved:
+            if on_best is not None:
+                on_best(state, params, metrics)
+            if save is not None:
+                save(state, "best")

@@ -1,0 +1,283 @@
+"""A fine-tuning run as the CLI drives it: data in, run directory out.
+
+Run directory:
+
+    RUN_DIR/run.json            options, data files and frame counts, targets,
+                                fitted E0 shift, base model (written first)
+    RUN_DIR/log.csv             one row per epoch (loss, lr, validation MAE/RMSE,
+                                layer sparsity, wall time, compilations)
+    RUN_DIR/model/              a model directory (config.json + variables/) with
+                                the best epoch's effective params merged into the
+                                base and the E0-shifted constants: `predict`,
+                                `evaluate`, `export` read it like a converted model
+    RUN_DIR/delta/              STR only: the thresholded delta of the targeted
+                                leaves (orbax), the sparse patch export applies
+    RUN_DIR/sparsity.json       best epoch: layer / total sparsity, per-layer and
+                                per-path views, thresholds
+    RUN_DIR/checkpoints/last/   full training state (resume from here)
+    RUN_DIR/checkpoints/best/   full training state of the best epoch
+    RUN_DIR/metrics.json        final: best-epoch validation and test metrics,
+                                sparsity, wall time, s/epoch, compilations
+
+Every input is read and checked (elements, shapes, NaN) and the E0s are fitted
+before RUN_DIR is created, so bad input never leaves a half-written run; every
+file inside is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from sparse_eqv import sparsity
+from sparse_eqv.atomic_write import atomic_directory, atomic_file
+from sparse_eqv.checkpoint import load_model, save_model
+from sparse_eqv.data.frames import Frame
+from sparse_eqv.data.readers import read_frames
+from sparse_eqv.errors import DataError, SparseEqvError
+from sparse_eqv.finetune import e0s as e0s_lib
+from sparse_eqv.finetune.dense import Full
+from sparse_eqv.finetune.lora import ELoRA
+from sparse_eqv.finetune.loop import Trainer, TrainConfig, TrainState, make_graphs, save_state
+from sparse_eqv.finetune.str import STR
+from sparse_eqv.finetune.targets import describe, leaf_path, select_targets
+from sparse_eqv.models import build_model
+
+METHODS = ("str", "full", "elora", "scratch")
+# Options that must agree between a run and its --resume.
+_RESUME_KEYS = ("method", "targets", "per_path", "seed", "batch_size", "lr", "threshold_decay", "e0s", "data", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """Method choice and its hyper-parameters (CLI flags)."""
+
+    method: str = "str"
+    targets: tuple[str, ...] = ("default",)
+    per_path: bool = False
+    delta_std: float = 0.01
+    init_threshold: float = 1e-3
+    rank: int = 16
+    alpha: float = 16.0
+
+
+def make_method(options: MethodOptions, params: Any, config: dict[str, Any]):
+    """The method object for `options` on a model with these params."""
+    if options.method not in METHODS:
+        raise SparseEqvError(f"--method {options.method!r}; known: {', '.join(METHODS)}")
+    if options.method in ("full", "scratch"):
+        return Full(name=options.method)
+    targets = select_targets(params, config, list(options.targets))
+    if options.method == "str":
+        return STR(targets, per_path=options.per_path, delta_std=options.delta_std, init_threshold=options.init_threshold)
+    return ELoRA(targets, rank=options.rank, alpha=options.alpha)
+
+
+def fresh_params(module, graph, seed: int) -> Any:
+    """A fresh initialisation of the architecture (for --method scratch)."""
+    vectors = jnp.tile(jnp.asarray([[0.0, 0.0, 1.0]], jnp.float64), (graph.senders.shape[0], 1))
+    variables = module.init(jax.random.PRNGKey(seed), vectors, jnp.asarray(graph.nodes["species"]),
+                            jnp.asarray(graph.senders), jnp.asarray(graph.receivers))
+    return variables["params"]
+
+
+def split_frames(frames: list[Frame], fraction: float, seed: int, path: Path) -> tuple[list[Frame], list[Frame]]:
+    """Seeded random split into (train, valid) with round(fraction * n) >= 1 validation frames."""
+    if not 0.0 < fraction < 1.0:
+        raise SparseEqvError(f"--valid-fraction {fraction}: must lie strictly between 0 and 1")
+    n_valid = max(1, int(round(fraction * len(frames))))
+    if n_valid >= len(frames):
+        raise DataError(f"{path}: {len(frames)} frame(s) cannot be split into training and validation sets")
+    order = np.random.default_rng(seed).permutation(len(frames))
+    return [frames[i] for i in sorted(order[n_valid:])], [frames[i] for i in sorted(order[:n_valid])]
+
+
+def _read(path: Path, read_options: dict[str, str]) -> list[Frame]:
+    return read_frames(path, **read_options)
+
+
+def _cast(tree: Any, dtype) -> Any:
+    return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), tree)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=float))
+
+
+def _write_csv(path: Path, rows: Sequence[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_file(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+
+
+def finetune(
+    model_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    train: str | Path,
+    valid: str | Path | None = None,
+    valid_fraction: float = 0.1,
+    test: str | Path | None = None,
+    method: MethodOptions = MethodOptions(),
+    config: TrainConfig = TrainConfig(),
+    e0s: str = "fit",
+    overwrite: bool = False,
+    resume: bool = False,
+    n_devices: int | None = None,
+    read_options: dict[str, str] | None = None,
+    progress: bool = True,
+    on_checkpoint=None,
+) -> dict[str, Any]:
+    """Fine-tune the model in `model_dir` and write `run_dir`; returns metrics.json's content.
+
+    Args:
+        e0s: "fit" (least-squares E0 shift on the training set) or "keep".
+        resume: continue the run in `run_dir` from its last checkpoint.
+        on_checkpoint: called with (state, kind) after each checkpoint is written.
+    """
+    started = time.perf_counter()
+    model_dir, run_dir = Path(model_dir), Path(run_dir)
+    read_options = read_options or {}
+    if e0s not in ("fit", "keep"):
+        raise SparseEqvError(f"--e0s {e0s!r}; known: fit, keep")
+    if run_dir.exists() and not (overwrite or resume):
+        raise SparseEqvError(f"{run_dir}: already exists (pass --resume to continue it or --overwrite to replace it)")
+    if resume and not (run_dir / "checkpoints" / "last").exists():
+        raise SparseEqvError(f"{run_dir}: nothing to resume (no checkpoints/last)")
+
+    model_config, variables = load_model(model_dir)
+    dtype = np.float64 if model_config.get("dtype", "float64") == "float64" else np.float32
+    variables = _cast(variables, dtype)
+    train_frames = _read(Path(train), read_options)
+    if valid is not None:
+        valid_frames = _read(Path(valid), read_options)
+    else:
+        train_frames, valid_frames = split_frames(train_frames, valid_fraction, config.seed, Path(train))
+    test_frames = _read(Path(test), read_options) if test is not None else []
+    numbers, cutoff = model_config["atomic_numbers"], float(model_config["r_max"])
+    train_graphs = make_graphs(train_frames, numbers, cutoff)
+    valid_graphs = make_graphs(valid_frames, numbers, cutoff)
+    test_graphs = make_graphs(test_frames, numbers, cutoff) if test_frames else []
+
+    module = build_model(model_config)
+    base_params = variables["params"]
+    if method.method == "scratch":
+        base_params = _cast(fresh_params(module, train_graphs[0], config.seed), dtype)
+        if jax.tree.structure(base_params) != jax.tree.structure(variables["params"]):
+            raise SparseEqvError(f"{model_dir}: a fresh initialisation does not reproduce the model's parameter tree")
+    fine_method = make_method(method, base_params, model_config)
+    trainer = Trainer(module, variables["constants"], fine_method, base_params, config, n_devices=n_devices,
+                      dtype=jnp.dtype(dtype))
+
+    e0_shift = np.zeros(len(numbers))
+    if e0s == "fit":
+        predictions, _ = trainer.predict(base_params, train_graphs, train_frames)
+        e0_shift = e0s_lib.fit_e0_shift(train_frames, [p["energy"] for p in predictions], numbers)
+        variables = e0s_lib.shift_e0s(model_config, variables, e0_shift)
+        trainer.set_constants(variables["constants"])
+
+    run_info = {
+        "model": str(model_dir.absolute()),
+        "model_source": model_config.get("source"),
+        "method": method.method,
+        "targets": list(method.targets),
+        "per_path": method.per_path,
+        "targeted_leaves": describe(getattr(fine_method, "targets", ())),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "threshold_decay": config.threshold_decay,
+        "e0s": e0s,
+        "e0_shift_eV": {str(z): float(s) for z, s in zip(numbers, e0_shift)},
+        "data": {"train": str(train), "valid": None if valid is None else str(valid),
+                 "valid_fraction": None if valid is not None else valid_fraction,
+                 "test": None if test is None else str(test)},
+        "n_frames": {"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
+        "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(config)},
+        "n_devices": trainer.n_devices,
+    }
+    if resume:
+        previous = json.loads((run_dir / "run.json").read_text())
+        changed = [k for k in _RESUME_KEYS if previous.get(k) != run_info.get(k)]
+        if changed:
+            raise SparseEqvError(f"{run_dir}: --resume with different {', '.join(changed)} than the run was started with")
+        state = trainer.restore(run_dir / "checkpoints" / "last")
+    else:
+        with atomic_directory(run_dir, overwrite=overwrite) as tmp:
+            (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
+        state = trainer.initial_state()
+
+    def save(state: TrainState, kind: str) -> None:
+        save_state(run_dir / "checkpoints" / kind, state)
+        if on_checkpoint is not None:
+            on_checkpoint(state, kind)
+
+    def on_best(state: TrainState, params: Any, metrics: dict) -> None:
+        tree = jax.tree.map(np.asarray, state.ema if state.ema is not None else state.tree)
+        write_best(run_dir, model_config, variables["constants"], base_params, fine_method, tree, params)
+
+    def on_epoch(state: TrainState) -> None:
+        _write_csv(run_dir / "log.csv", state.history)
+
+    state = trainer.fit(
+        state, (train_graphs, train_frames), (valid_graphs, valid_frames),
+        save=save, on_best=on_best, on_epoch=on_epoch, progress=progress,
+    )
+
+    best_config, best_variables = load_model(run_dir / "model")
+    result = {
+        "method": method.method,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "best_epoch": state.best_epoch + 1,
+        "early_stopped": state.stopped,
+        "valid": trainer.evaluate(best_variables["params"], valid_graphs, valid_frames),
+        "test": trainer.evaluate(best_variables["params"], test_graphs, test_frames) if test_frames else None,
+        "sparsity": json.loads((run_dir / "sparsity.json").read_text())["summary"],
+        "train_wall_s": state.wall,
+        "s_per_epoch": float(np.median([row["epoch_s"] for row in state.history])) if state.history else None,
+        "compiles": dict(trainer.compiles),
+        "n_budgets": len(trainer.budgets),
+        "n_devices": trainer.n_devices,
+        "session_wall_s": time.perf_counter() - started,
+    }
+    _write_json(run_dir / "metrics.json", result)
+    return result
+
+
+def write_best(run_dir: Path, model_config, constants, base_params, method, tree, params) -> None:
+    """Write model/, sparsity.json and (STR) delta/ for the best epoch's tree."""
+    delta = sparsity.prune(method, tree) if isinstance(method, STR) else None
+    if delta is not None:
+        params = sparsity.merge(base_params, delta)
+    params = jax.tree.map(np.asarray, params)
+    report = {"summary": {**sparsity.summary(base_params, params, delta), "method": method.name}}
+    if delta is not None:
+        report["layers"] = sparsity.layer_view(delta)
+        report["paths"] = sparsity.path_view(delta)
+        report["thresholds"] = {leaf_path(k): v for k, v in method.thresholds(tree).items()}
+        with atomic_directory(run_dir / "delta", overwrite=True) as tmp:
+            ocp.PyTreeCheckpointer().save((tmp / "delta").absolute(), traverse_util.unflatten_dict(delta))
+            (tmp / "leaves.json").write_text(json.dumps(describe(delta), indent=1))
+    config = {**model_config, "finetuned": {"run": str(run_dir.absolute()), "method": method.name}}
+    save_model(run_dir / "model", config, {"params": params, "constants": constants}, overwrite=True)
+    _write_json(run_dir / "sparsity.json", report)
+

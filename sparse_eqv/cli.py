@@ -141,6 +141,24 @@ def _add_label_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress-key", default="stress", help="extxyz info key of the stress label")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from weights_convert.export import export_run
+
+    summary = export_run(args.run, args.output, delta_only=args.delta_only, overwrite=args.overwrite)
+    what = "sparse delta patch" if args.delta_only else "merged checkpoint"
+    print(
+        f"wrote {what} {summary['output']}: {summary['nnz']} changed numbers in {summary['tensors']} tensors, "
+        f"{summary['bytes']:,} bytes (base checkpoint {summary['base_bytes']:,} bytes)"
+    )
+
+
+def cmd_apply_delta(args: argparse.Namespace) -> None:
+    from weights_convert.export import apply_delta
+
+    summary = apply_delta(args.base, args.patch, args.output, overwrite=args.overwrite)
+    print(f"wrote {summary['output']}: {summary['nnz']} numbers changed in {summary['tensors']} tensors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-eqv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_label_keys(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="fine-tuned run -> checkpoint of the base's format, or a sparse delta patch")
+    p.add_argument("run", type=Path, help="run directory (from finetune)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint (or, with --delta-only, patch) to write")
+    p.add_argument("--delta-only", action="store_true", help="write only the changed numbers (see README, 'Delta patches')")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("apply-delta", help="base checkpoint + delta patch -> merged checkpoint")
+    p.add_argument("base", type=Path, help="the base checkpoint the patch was made for")
+    p.add_argument("patch", type=Path, help="patch from `export --delta-only`")
+    p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_apply_delta)
     return parser
 
 

@@ -30,4 +30,6 @@ def convert(checkpoint: str | Path, *, dtype: str = "float64", head: str | None 
         from weights_convert import sevenn as converter
     else:
         from weights_convert import nequip as converter
-    return converter.convert(path, dtype=dtype, head=head, trust=trust)
+    config, variables = converter.convert(path, dtype=dtype, head=head, trust=trust)
+    config.setdefault("source", {})["path"] = str(path.resolve())  # export writes back into this file's format
+    return config, variables

@@ -1,0 +1,151 @@
+"""Export back to torch: merged checkpoints the official package loads, sparse
+delta patches, apply-delta, and their errors (SevenNet-0, real weights)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_eqv.checkpoint import load_model, save_model
+from sparse_eqv.data.readers import read_frames
+from sparse_eqv.errors import CheckpointError
+from sparse_eqv.inference import Predictor
+from weights_convert.convert import convert
+from weights_convert.delta_patch import HEADER, PatchError, apply_to_state_dict, read_patch
+from weights_convert.export import apply_delta, export_run
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torch_ref.sevenn_reference import predict as sevenn_predict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sevennet(tmp_path_factory):
+    """SevenNet-0 converted once: (model dir, config, variables)."""
+    directory = tmp_path_factory.mktemp("export") / "7net0"
+    config, variables = convert("7net-0")
+    save_model(directory, config, variables)
+    config, variables = load_model(directory)
+    return directory, config, variables
+
+
+def make_run(root: Path, model_dir: Path, config: dict, variables) -> Path:
+    """A run directory as `finetune` writes it (run.json + merged model)."""
+    run = root / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": str(model_dir.absolute()), "method": "test"}))
+    save_model(run / "model", config, variables)
+    return run
+
+
+def perturbed(config: dict, variables, seed: int = 0):
+    """Every leaf that maps to a torch tensor changed at up to 3 positions, by
+    amounts representable in the checkpoint's float32 storage."""
+    rng = np.random.default_rng(seed)
+    new = jax.tree.map(np.array, variables)
+    changed = 0
+    for path, (key, start, *_rest) in config["torch_names"].items():
+        if start is None or not path.startswith("params/"):
+            continue
+        node = new
+        *parents, name = path.split("/")
+        for part in parents:
+            node = node[part]
+        flat = node[name].reshape(-1)
+        index = rng.choice(flat.size, size=min(3, flat.size), replace=False)
+        flat[index] = (flat[index] + rng.normal(0.0, 0.02, index.size)).astype(np.float32)
+        changed += index.size
+    assert changed > 100
+    return new
+
+
+def test_unchanged_export_is_bit_identical(tmp_path, sevennet):
+    model_dir, config, variables = sevennet
+    run = make_run(tmp_path, model_dir, config, variables)
+    export_run(run, tmp_path / "same.pth")
+    assert (tmp_path / "same.pth").read_bytes() == Path(config["source"]["path"]).read_bytes()
+    export_run(run, tmp_path / "empty.delta", delta_only=True)
+    header, deltas = read_patch(tmp_path / "empty.delta")
+    assert deltas == [] and header["kind"] == "sevenn"
+
+
+def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, shared_data):
+    model_dir, config, variables = sevennet
+    new = perturbed(config, variables)
+    run = make_run(tmp_path, model_dir, config, new)
+    merged, patch = tmp_path / "merged.pth", tmp_path / "run.delta"
+    summary = export_run(run, merged)
+    export_run(run, patch, delta_only=True)
+
+    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000")[:2]
+    ours = Predictor(config, new).predict(frames)
+    theirs = sevenn_predict(str(merged), [f.to_atoms() for f in frames])
+    base = Predictor(config, variables).predict(frames[:1])
+    assert abs(base[0]["energy"] - ours[0]["energy"]) > 1e-3  # the perturbation matters
+    for frame, a, b in zip(frames, ours, theirs):
+        assert abs(a["energy"] - b["energy"]) / frame.num_atoms <= 1e-8
+        assert np.abs(a["forces"] - b["forces"]).max() <= 1e-7
+        assert np.abs(a["stress"] - b["stress"]).max() <= 1e-8
+
+    # the patch holds only the changed numbers and rebuilds the same file
+    header, deltas = read_patch(patch)
+    nnz = sum(d.indices.size for d in deltas)
+    assert nnz == summary["nnz"]
+    payload = sum(i.compress_size for i in zipfile.ZipFile(patch).infolist() if i.filename != HEADER)
+    assert payload <= 12 * nnz + 256 * len(deltas)
+    apply_delta(config["source"]["path"], patch, tmp_path / "rebuilt.pth")
+    assert (tmp_path / "rebuilt.pth").read_bytes() == merged.read_bytes()
+
+    # and a torch user can apply it in memory, without JAX
+    import torch
+
+    state = torch.load(config["source"]["path"], map_location="cpu", weights_only=False)["model_state_dict"]
+    apply_to_state_dict(state, patch)
+    expected = torch.load(merged, map_location="cpu", weights_only=False)["model_state_dict"]
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+def test_patch_errors_write_nothing(tmp_path, sevennet):
+    model_dir, config, variables = sevennet
+    run = make_run(tmp_path, model_dir, config, perturbed(config, variables, seed=1))
+    patch = tmp_path / "good.delta"
+    export_run(run, patch, delta_only=True)
+    out = tmp_path / "out.pth"
+
+    other = Path(config["source"]["path"]).parent.parent / "SevenNet_0__22May2024" / "checkpoint_sevennet_0.pth"
+    with pytest.raises(PatchError, match="refusing to apply"):
+        apply_delta(other, patch, out)
+
+    corrupt = tmp_path / "corrupt.delta"
+    corrupt.write_bytes(patch.read_bytes()[: patch.stat().st_size // 2])
+    with pytest.raises(PatchError, match="not a readable"):
+        apply_delta(config["source"]["path"], corrupt, out)
+
+    unknown = tmp_path / "unknown.delta"
+    with zipfile.ZipFile(patch) as src, zipfile.ZipFile(unknown, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == HEADER:
+                data = json.dumps({**json.loads(data), "format": "something-else/9"}).encode()
+            dst.writestr(info, data)
+    with pytest.raises(PatchError, match="unknown patch format"):
+        apply_delta(config["source"]["path"], unknown, out)
+    assert not out.exists()
+
+
+def test_missing_base_checkpoint_says_where_it_looked(tmp_path, sevennet):
+    model_dir, config, variables = sevennet
+    moved = dict(config, source=dict(config["source"], path=str(tmp_path / "gone" / "checkpoint.pth")))
+    base_dir = tmp_path / "base"
+    save_model(base_dir, moved, variables)
+    run = make_run(tmp_path, base_dir, moved, variables)
+    with pytest.raises(CheckpointError, match=r"looked for '.*gone/checkpoint.pth'"):
+        export_run(run, tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()

@@ -5,12 +5,16 @@ Run with the MACE environment (`.venv-mace/bin/python`, e3nn 0.4.4) and
 
     mace_reference.py ARCH --seed S --model OUT.model [--frames F.extxyz --out OUT.npz]
                       [--head NAME] [--full-size]
+    mace_reference.py --jobs JOBS.json     (a list of {"arch", "seed", "model",
+                                            "frames", "out", "head", "full_size"})
 
 Builds the named architecture with random weights (seeded), `torch.save`s the
 whole module as a `.model` file (what mace writes), loads that file back as
 mace's calculator does, and evaluates energy (eV), forces (eV/Å) and stress
 (eV/Å^3, ASE sign) of every frame of F.extxyz in float64, all frames in one
 batch. Writes energy (G,), forces (sum N, 3), stress (G, 3, 3), n_atoms (G,).
+Within one run, mace's U matrices (a pure function of the irreps) are computed
+once per distinct argument set: the models are the same, only built faster.
 
 Architectures follow the published foundation models (hyperparameters from the
 mace training logs / model cards); channel counts and the radial MLP are
@@ -20,6 +24,8 @@ reduced unless --full-size, which keeps every block type and option.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -30,6 +36,7 @@ import torch  # noqa: E402
 from e3nn import o3  # noqa: E402
 from mace import data as mace_data  # noqa: E402
 from mace import modules  # noqa: E402
+from mace.modules import symmetric_contraction  # noqa: E402
 from mace.tools import torch_geometric, utils  # noqa: E402
 
 MATERIALS = [1, 3, 8, 15, 16, 29, 32]  # H Li O P S Cu Ge: the SSE-PBE and Cu frames, plus unused H, O
@@ -95,6 +102,23 @@ ARCHITECTURES = {
     ),
 }
 REDUCED = dict(channels=16, radial_MLP=[16, 16, 16])
+
+
+def _memoize_u_matrices() -> None:
+    """Compute each of mace's U matrices once per process (clones returned: buffers stay separate)."""
+    compute = symmetric_contraction.U_matrix_real
+
+    @functools.lru_cache(maxsize=None)
+    def cached(irreps_in: str, irreps_out: str, correlation: int, use_cueq_cg, dtype):
+        return compute(
+            irreps_in=irreps_in, irreps_out=irreps_out, correlation=correlation, use_cueq_cg=use_cueq_cg, dtype=dtype
+        )
+
+    def u_matrix_real(irreps_in, irreps_out, correlation, use_cueq_cg=None, dtype=None):
+        result = cached(str(irreps_in), str(irreps_out), correlation, use_cueq_cg, dtype)
+        return [value.clone() if torch.is_tensor(value) else value for value in result]
+
+    symmetric_contraction.U_matrix_real = u_matrix_real
 
 
 def build(arch: str, seed: int, full_size: bool) -> torch.nn.Module:
@@ -171,21 +195,35 @@ def evaluate(model: torch.nn.Module, frames_path: str, head: str | None) -> dict
     }
 
 
+def run(arch: str, seed: int, model: str, frames: str | None = None, out: str | None = None,
+        head: str | None = None, full_size: bool = False) -> None:
+    """Build, save, reload and (with frames) evaluate one model."""
+    torch.save(build(arch, seed, full_size), model)
+    if frames:
+        loaded = torch.load(model, map_location="cpu", weights_only=False).double()
+        np.savez(out, **evaluate(loaded, frames, head))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", choices=sorted(ARCHITECTURES))
+    parser.add_argument("arch", nargs="?", choices=sorted(ARCHITECTURES))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", required=True, help="where to torch.save the model")
+    parser.add_argument("--model", help="where to torch.save the model")
     parser.add_argument("--frames", help="extxyz file of the frames to evaluate")
     parser.add_argument("--out", help="npz of the predictions")
     parser.add_argument("--head", help="head to evaluate (default: the first)")
     parser.add_argument("--full-size", action="store_true", help="foundation-size channels and radial MLP")
+    parser.add_argument("--jobs", help="JSON list of jobs (keyword arguments of `run`)")
     args = parser.parse_args()
-    model = build(args.arch, args.seed, args.full_size)
-    torch.save(model, args.model)
-    if args.frames:
-        loaded = torch.load(args.model, map_location="cpu", weights_only=False).double()
-        np.savez(args.out, **evaluate(loaded, args.frames, args.head))
+    _memoize_u_matrices()
+    if args.jobs:
+        with open(args.jobs) as handle:
+            for job in json.load(handle):
+                run(**job)
+    elif args.arch and args.model:
+        run(args.arch, args.seed, args.model, args.frames, args.out, args.head, args.full_size)
+    else:
+        parser.error("give ARCH and --model, or --jobs")
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def make_graphs(frames: Sequence[Frame], atomic_numbers: Sequence[int], cutoff: 
 
 
 def _masked_copy(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
-    """The same graph with every label weight 0: fills an empty shard."""
+    """The same graph with every label weight 0: fills a short shard."""
     weights = {k: np.zeros_like(v) for k, v in graph.globals.items() if k.endswith("_weight")}
     return graph._replace(globals={**graph.globals, **weights})
 
@@ -258,16 +258,25 @@ class Trainer:
     def stack(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[jraph.GraphsTuple, list[list[int]]]:
         """Split frames `indices` into one shard per device, pad alike, stack.
 
+        Every shard is filled up to `shard_size()` graphs with label-free
+        copies of its own (or the batch's first) frames, so a short last batch
+        pads to the same budget as a full one when frames are alike in size.
+        The budget is a pure function of the batch (resume stays exact).
+
         Returns:
             the stacked batch (leading axis: device) placed on the mesh, and
             the frame indices of each shard (real graphs come first).
         """
         per = -(-len(indices) // self.n_devices)
         shards = [list(indices[d * per : (d + 1) * per]) for d in range(self.n_devices)]
-        parts = [[graphs[i] for i in s] or [_masked_copy(graphs[indices[0]])] for s in shards]
+        size = self.shard_size()
+        parts = []
+        for shard in shards:
+            fill = shard or [indices[0]]
+            parts.append([graphs[i] for i in shard] + [_masked_copy(graphs[fill[k % len(fill)]]) for k in range(size - len(shard))])
         n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
         n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
-        budget = GraphBudget.round_up(n_node, n_edge, self.shard_size())
+        budget = GraphBudget.round_up(n_node, n_edge, size)
         self.budgets.add(budget)
         padded = [batch_graphs(p, budget) for p in parts]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)

@@ -62,4 +62,4 @@ def scale_updates(updates: Any, factor: jax.Array) -> Any:
 
 def state_size(opt_state: Any) -> int:
     """Number of array entries held by an optimiser state (memory check)."""
-    return sum(int(getattr(x, "size", 0)) for x in jax.tree.leaves(opt_state) if getattr(x, "ndim", 0) > 0)
+    return sum(int(getattr(x, "size", 1)) for x in jax.tree.leaves(opt_state))

@@ -1,0 +1,383 @@
+"""Fine-tuning end to end on a small SevenNet-architecture model and real
+SSE-PBE frames (Li10GeP2S12, ../shared/data/sse-pbe): run directory and CLI,
+merge, equivariance of the fine-tuned model, data parallelism, kill and
+resume, baselines, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase.calculators.singlepoint import SinglePointCalculator
+from flax import traverse_util
+
+from sparse_eqv.checkpoint import load_for_inference, load_model, save_model
+from sparse_eqv.cli import main
+from sparse_eqv.data.graph import batch_graphs, frame_to_graph
+from sparse_eqv.data.readers import read_frames
+from sparse_eqv.finetune.dense import Full
+from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs, restore_state
+from sparse_eqv.finetune.run import MethodOptions, fresh_params, make_method
+from sparse_eqv.models import build_model
+from sparse_eqv.potential import energy_forces_stress
+
+# A SevenNet-style network small enough to compile quickly: l <= 1, 4 channels, two layers.
+TINY_CONFIG = {
+    "model": "sevenn",
+    "atomic_numbers": [3, 15, 16, 32],
+    "r_max": 3.5,
+    "dtype": "float64",
+    "embedding": {"features": 4, "scale": 0.5, "node_attrs": "one_hot"},
+    "radial_basis": {"num_basis": 4, "cutoff": "polynomial", "cutoff_arg": 6.0},
+    "irreps_sh": "1x0e+1x1o",
+    "sh_normalize": True,
+    "layers": [
+        {
+            "irreps_in": "4x0e",
+            "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "2x0e", "act_gates": ["sigmoid"], "gated": "2x1o"},
+            "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
+            "self_connection": "linear",
+            "sort_instructions": True,
+        },
+        {
+            "irreps_in": "4x0e+2x1o",
+            "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "", "act_gates": [], "gated": ""},
+            "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
+            "self_connection": "tensor_product",
+            "sort_instructions": True,
+        },
+    ],
+    "readout": {"dims": [4, 2, 1], "kind": "e3nn", "act": None},
+}
+EPOCHS, BATCH = 2, 4
+
+
+def write_extxyz(path: Path, frames) -> Path:
+    images = []
+    for f in frames:
+        atoms = f.to_atoms()
+        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
+        images.append(atoms)
+    ase.io.write(path, images, format="extxyz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data):
+    """A tiny model directory (random weights, per-type shift) and SSE-PBE splits as extxyz."""
+    root = tmp_path_factory.mktemp("finetune")
+    module = build_model(TINY_CONFIG)
+    variables = module.init(
+        jax.random.PRNGKey(0), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32), jnp.array([0, 1, 0]), jnp.array([1, 0, 1])
+    )
+    variables = jax.tree.map(np.asarray, variables)
+    variables["constants"]["shift"] = np.array([-1.0, -5.0, -4.0, -4.5])  # far from PBE: the E0 fit matters
+    save_model(root / "model", TINY_CONFIG, variables)
+    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-init.system")
+    write_extxyz(root / "train.xyz", frames[:8])
+    write_extxyz(root / "valid.xyz", frames[300:302])
+    return root
+
+
+def finetune_args(workdir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "finetune", str(workdir / "model"), "--train", str(workdir / "train.xyz"), "--valid", str(workdir / "valid.xyz"),
+        "--method", "str", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--lr", "0.01",
+        "--threshold-decay", "0.3", "--checkpoint-every", "1", "--seed", "3", "--quiet", "-o", str(out), *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def str_run(workdir):
+    """An uninterrupted STR run through the CLI (in process)."""
+    out = workdir / "run_str"
+    assert main(finetune_args(workdir, out)) == 0
+    return out
+
+
+def test_run_directory_metrics_and_log(str_run):
+    for name in ("run.json", "log.csv", "metrics.json", "sparsity.json", "model/config.json", "delta/leaves.json",
+                 "checkpoints/last/state.json", "checkpoints/best/state.json"):
+        assert (str_run / name).exists(), name
+    metrics = json.loads((str_run / "metrics.json").read_text())
+    assert metrics["epochs"] == EPOCHS and metrics["steps"] == EPOCHS * 2
+    assert metrics["compiles"] == {"train": 1, "eval": 1}  # all SSE frames share one padding budget
+    assert 0.0 <= metrics["sparsity"]["layer_sparsity"] <= 1.0
+    assert metrics["sparsity"]["total_sparsity"] >= metrics["sparsity"]["layer_sparsity"] * (
+        metrics["sparsity"]["n_targeted"] / metrics["sparsity"]["n_params"])
+    assert metrics["valid"]["forces_mae"] > 0 and metrics["valid"]["n_frames"] == 2
+    rows = (str_run / "log.csv").read_text().splitlines()
+    assert len(rows) == 1 + EPOCHS and "valid_forces_mae" in rows[0]
+    run = json.loads((str_run / "run.json").read_text())
+    assert run["e0s"] == "fit" and "params/layer_0/linear_1/w[0,0]" in run["targeted_leaves"]
+    # the E0 fit moved the per-type shift of the elements present (Li, P, S, Ge)
+    config, variables = load_for_inference(str_run)
+    assert not np.allclose(variables["constants"]["shift"], [-1.0, -5.0, -4.0, -4.5])
+
+
+def test_merged_model_predicts_training_time_effective_params(workdir, str_run):
+    """model/ holds base + pruned delta; it predicts what STR's effective params predict."""
+    config, base = load_model(workdir / "model")
+    _, merged = load_for_inference(str_run)
+    module = build_model(config)
+    method = make_method(MethodOptions(method="str"), base["params"], config)
+    trainer = Trainer(module, merged["constants"], method, base["params"], TrainConfig(batch_size=BATCH))
+    state = restore_state(str_run / "checkpoints" / "best", trainer.initial_state())
+    frames = read_frames(workdir / "valid.xyz")
+    graph = batch_graphs([frame_to_graph(f, config["atomic_numbers"], config["r_max"]) for f in frames])
+    predict = jax.jit(lambda v, g: energy_forces_stress(module.apply, v, g))
+    effective = {"params": method.effective(state.tree), "constants": merged["constants"]}
+    a, b = predict(effective, graph), predict(merged, graph)
+    for key in ("energy", "forces"):
+        scale = np.max(np.abs(a[key]))
+        assert np.max(np.abs(a[key] - b[key])) <= 1e-12 * scale
+    # the delta patch is exactly the difference to the base, and sparse where reported
+    delta_leaves = json.loads((str_run / "delta" / "leaves.json").read_text())
+    base_flat = traverse_util.flatten_dict(base["params"])
+    merged_flat = traverse_util.flatten_dict(merged["params"])
+    changed = {"/".join(("params",) + k) for k in base_flat if not np.array_equal(base_flat[k], merged_flat[k])}
+    assert changed <= set(delta_leaves)
+
+
+def test_fine_tuned_model_is_equivariant(workdir, str_run):
+    """Rotating a periodic frame (positions and cell) rotates forces and stress, keeps the energy."""
+    config, variables = load_for_inference(str_run)
+    variables = jax.tree.map(jnp.asarray, variables)
+    module = build_model(config)
+    frame = read_frames(workdir / "valid.xyz")[0]
+    rot = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))[0]
+    rot *= np.sign(np.linalg.det(rot))
+    rotated = type(frame)(frame.numbers, frame.positions @ rot.T, frame.cell @ rot.T, frame.pbc, source="rotated")
+    predict = jax.jit(lambda g: energy_forces_stress(module.apply, variables, g))
+    out = [predict(batch_graphs([frame_to_graph(f, config["atomic_numbers"], config["r_max"])])) for f in (frame, rotated)]
+    n = frame.num_atoms
+    e0, e1 = float(out[0]["energy"][0]), float(out[1]["energy"][0])
+    assert abs(e1 - e0) <= 1e-10 * abs(e0)
+    f0, f1 = np.asarray(out[0]["forces"][:n]), np.asarray(out[1]["forces"][:n])
+    assert np.max(np.abs(f1 - f0 @ rot.T)) <= 1e-10 * np.max(np.abs(f0))
+    s0, s1 = np.asarray(out[0]["stress"][0]), np.asarray(out[1]["stress"][0])
+    assert np.max(np.abs(s1 - rot @ s0 @ rot.T)) <= 1e-10 * np.max(np.abs(s0))
+
+
+def test_evaluate_and_predict_accept_run_and_model_dirs(workdir, str_run, tmp_path, capsys):
+    out = tmp_path / "zero.json"
+    assert main(["evaluate", str(workdir / "model"), "--data", str(workdir / "valid.xyz"), "--json", str(out), "--quiet"]) == 0
+    zero = json.loads(out.read_text())
+    assert not zero["finetuned"]
+    # raw energies of the tiny model sit eV/atom away from PBE; the E0 fit removes that
+    assert zero["e0_fit"]["energy_mae"] < zero["raw"]["energy_mae"]
+    assert zero["e0_fit"]["forces_mae"] == zero["raw"]["forces_mae"]
+    assert main(["evaluate", str(str_run), "--data", str(workdir / "valid.xyz"), "--json", str(out), "--quiet"]) == 0
+    tuned = json.loads(out.read_text())
+    metrics = json.loads((str_run / "metrics.json").read_text())
+    assert tuned["finetuned"]
+    np.testing.assert_allclose(tuned["raw"]["forces_mae"], metrics["valid"]["forces_mae"], rtol=1e-9)
+    assert main(["predict", str(str_run), "--data", str(workdir / "valid.xyz"), "-o", str(tmp_path / "p.xyz"), "--quiet"]) == 0
+    assert len(ase.io.read(tmp_path / "p.xyz", index=":")) == 2
+
+
+KILL_DRIVER = """
+import os, sys, time
+from sparse_eqv.cli import _enable_x64
+_enable_x64()
+from sparse_eqv.finetune import run as run_mod
+
+kill_after = int(sys.argv[1])
+original = run_mod.save_state
+
+def save_then_wait(directory, state):
+    original(directory, state)
+    if directory.name == "last" and state.step == kill_after:
+        open(sys.argv[2], "w").write(str(state.step))
+        time.sleep(600)  # the test kills us here, mid-epoch, after a checkpoint
+
+run_mod.save_state = save_then_wait
+from sparse_eqv.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_kill_and_resume_equals_uninterrupted(workdir, str_run, tmp_path):
+    """SIGKILL a real training process mid-epoch, resume it: same params as the uninterrupted run."""
+    out = tmp_path / "run_killed"
+    marker = tmp_path / "checkpointed"
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    process = subprocess.Popen([sys.executable, str(driver), "3", str(marker), *finetune_args(workdir, out)], env=env)
+    try:
+        deadline = time.time() + 600
+        while not marker.exists():
+            assert process.poll() is None, "training process ended before the kill"
+            assert time.time() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (out / "metrics.json").exists()
+    state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
+    assert (state["step"], state["epoch"], state["batch"]) == (3, 1, 1)  # mid-epoch 2
+    resumed = subprocess.run(
+        [sys.executable, "-m", "sparse_eqv.cli", *finetune_args(workdir, out, "--resume")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = traverse_util.flatten_dict(load_for_inference(str_run)[1])
+    b = traverse_util.flatten_dict(load_for_inference(out)[1])
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg="/".join(key))
+    log_a = (str_run / "log.csv").read_text().splitlines()
+    log_b = (out / "log.csv").read_text().splitlines()
+    assert [row.split(",")[:11] for row in log_a] == [row.split(",")[:11] for row in log_b]
+
+
+DATA_PARALLEL_DRIVER = """
+import json, sys
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_default_matmul_precision", "highest")
+from sparse_eqv.checkpoint import load_model
+from sparse_eqv.data.readers import read_frames
+from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs
+from sparse_eqv.finetune.run import MethodOptions, make_method
+from sparse_eqv.models import build_model
+
+config, variables = load_model(sys.argv[1])
+frames = read_frames(sys.argv[2])
+graphs = make_graphs(frames, config["atomic_numbers"], config["r_max"])
+module = build_model(config)
+method = make_method(MethodOptions(method="str"), variables["params"], config)
+result = {}
+for n in (1, 2):
+    trainer = Trainer(module, variables["constants"], method, variables["params"],
+                      TrainConfig(batch_size=4, lr=0.01, threshold_decay=0.3, schedule="constant", ema_decay=0.5),
+                      n_devices=n)
+    state = trainer.initial_state()
+    losses = [trainer.train_step(state, trainer.stack(graphs, idx)[0]) for idx in ([0, 1, 2, 3], [4, 5, 6, 7], [3, 5, 0])]
+    result[n] = {"losses": losses, "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves((state.tree, state.ema))],
+                 "devices": len(jax.devices())}
+print(json.dumps(result))
+"""
+
+
+def test_two_devices_match_one_device(workdir, tmp_path):
+    """Data parallel over 2 (forced host) devices gives the 1-device params (and EMA) after 3 steps."""
+    driver = tmp_path / "dp.py"
+    driver.write_text(DATA_PARALLEL_DRIVER)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, str(driver), str(workdir / "model"), str(workdir / "train.xyz")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    one, two = result["1"], result["2"]
+    assert two["devices"] == 2
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-12)
+    changed = 0
+    for a, b, in zip(one["leaves"], two["leaves"]):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-13)
+        changed += a.size
+    assert changed > 0
+
+
+def test_baselines_elora_and_scratch(workdir):
+    """One step of each baseline: ELoRA starts at the base and moves the adapted leaves only;
+    scratch (the `full` method from a fresh initialisation) moves every leaf."""
+    config, variables = load_model(workdir / "model")
+    module = build_model(config)
+    frames = read_frames(workdir / "train.xyz")[:4]
+    graphs = make_graphs(frames, config["atomic_numbers"], config["r_max"])
+    base = variables["params"]
+    fresh = fresh_params(module, graphs[0], seed=7)
+    assert jax.tree.structure(fresh) == jax.tree.structure(base)
+    cases = {
+        "elora": (make_method(MethodOptions(method="elora", rank=2, alpha=2.0), base, config), base),
+        "scratch": (Full(name="scratch"), fresh),
+    }
+    for name, (method, start) in cases.items():
+        trainer = Trainer(module, variables["constants"], method, start, TrainConfig(batch_size=4, lr=1e-2))
+        state = trainer.initial_state()
+        before = jax.tree.leaves(method.effective(state.tree))
+        assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(start))), name
+        loss = trainer.train_step(state, trainer.stack(graphs, [0, 1, 2, 3])[0])
+        assert np.isfinite(loss), name
+        after = traverse_util.flatten_dict(method.effective(state.tree))
+        start_flat = traverse_util.flatten_dict(start)
+        moved = {k for k in start_flat if not np.array_equal(after[k], start_flat[k])}
+        if name == "elora":
+            assert moved == set(method.adapted(base)), name
+        else:
+            assert moved == set(start_flat), name
+
+
+@pytest.mark.parametrize("case", ["empty", "element", "forces_shape", "nan_energy"])
+def test_bad_input_is_one_clear_error_and_no_run_dir(workdir, tmp_path, capsys, case):
+    frames = read_frames(workdir / "train.xyz")[:2]
+    good = frames[0]
+    if case == "empty":
+        bad = tmp_path / "empty.xyz"
+        bad.write_text("")
+        expected = str(bad)
+    elif case == "element":
+        numbers = good.numbers.copy()
+        numbers[5] = 29  # Cu
+        bad = write_extxyz(tmp_path / "cu.xyz", [frames[1], type(good)(numbers, good.positions, good.cell, good.pbc,
+                                                                    energy=good.energy, forces=good.forces)])
+        expected = f"{bad}:1: element Cu"
+    elif case == "forces_shape":
+        record = {
+            "structure": {"lattice": {"matrix": good.cell.tolist()},
+                          "sites": [{"species": [{"element": "Li"}], "xyz": list(map(float, p))} for p in good.positions[:4]]},
+            "outputs": {"energy": -10.0, "forces": np.zeros((3, 3)).tolist()},
+        }
+        bad = tmp_path / "frames.json"
+        bad.write_text(json.dumps([record, record]))
+        expected = f"{bad}:0: forces have shape (3, 3), expected (4, 3)"
+    else:
+        nan = type(good)(good.numbers, good.positions, good.cell, good.pbc, energy=float("nan"), forces=good.forces)
+        bad = write_extxyz(tmp_path / "nan.xyz", [frames[1], nan])
+        expected = f"{bad}:1: energy is not finite"
+    out = tmp_path / "run"
+    args = finetune_args(workdir, out)
+    args[args.index("--train") + 1] = str(bad)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and expected in err, err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_schedules_and_early_stopping(workdir):
+    """Host-side epoch logic: plateau lowers the lr, early stopping stops, cosine decays to 0."""
+    config, variables = load_model(workdir / "model")
+    module = build_model(config)
+    method = Full()
+    cfg = TrainConfig(plateau_patience=1, plateau_factor=0.5, patience=2)
+    trainer = Trainer(module, variables["constants"], method, variables["params"], cfg)
+    state = trainer.initial_state()
+    for loss in (3.0, 2.0, 2.5, 2.5):
+        trainer._end_epoch(state, {"loss": loss}, None, None, None)
+    assert state.best_epoch == 1 and state.lr_scale == 0.5 and state.stopped
+    assert [row["valid_loss"] for row in state.history] == [3.0, 2.0, 2.5, 2.5]
+    cosine = Trainer(module, variables["constants"], method, variables["params"], TrainConfig(schedule="cosine"))
+    cosine.total_steps = 10
+    state = cosine.initial_state()
+    scales = []
+    for step in (0, 5, 10):
+        state.step = step
+        scales.append(cosine.lr_scale(state))
+    np.testing.assert_allclose(scales, [1.0, 0.5, 0.0], atol=1e-15)

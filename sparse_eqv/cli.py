@@ -159,6 +159,12 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
     print(f"wrote {summary['output']}: {summary['nnz']} numbers changed in {summary['tensors']} tensors")
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from sparse_eqv.demo.run import run_demo
+
+    run_demo(args.output, data=args.data, model=args.model, minutes=args.minutes, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-eqv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_apply_delta)
+
+    p = sub.add_parser("demo", help="convert SevenNet-0, fine-tune with STR on EMT Cu/Ni data, export, report")
+    p.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="where everything is written")
+    p.add_argument("--data", type=Path, default=None, help="your own labelled data instead of the EMT set")
+    p.add_argument("--model", default="7net-0", help="base checkpoint (default: the bundled SevenNet-0)")
+    p.add_argument("--minutes", type=float, default=4.0, help="fine-tuning time budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

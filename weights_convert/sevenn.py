@@ -213,7 +213,8 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     Args:
         path: `.pth` checkpoint written by sevenn, or a bundled model name.
         dtype: "float64" or "float32" for every leaf.
-        head: modality of a multi-fidelity model (e.g. "PBE" for SevenNet-MF-0).
+        head: modality of a multi-fidelity model (SevenNet-MF-0: "PBE" or "R2SCAN"),
+            fixed at conversion: the one-hot becomes a constant input.
         trust: unused; SevenNet checkpoints are read weights-only.
     """
     import sevenn._keys as KEY
@@ -229,12 +230,19 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     if dtype not in ("float32", "float64"):
         raise UnsupportedModelError(f"dtype {dtype!r}: use float32 or float64")
     cp = load_checkpoint(path)
+    modal_index, num_modalities = None, 0
     if cp["config"].get(KEY.USE_MODALITY, False):
-        modals = list(cp["config"].get(KEY.MODAL_MAP, {}))
-        raise UnsupportedModelError(
-            f"{path}: multi-fidelity SevenNet (modalities {', '.join(modals)}) is not implemented; "
-            "fix one modality with sevenn (`sevenn_cp` / `SevenNetCheckpoint.append_modal`) or use a single-fidelity model"
-        )
+        modal_map = dict(cp["config"].get(KEY.MODAL_MAP, {}))
+        if head not in modal_map:
+            raise UnsupportedModelError(
+                f"{path}: multi-fidelity SevenNet: choose the modality with head= (one of {', '.join(modal_map)}); "
+                f"got {head!r}"
+            )
+        modal_index, num_modalities = int(modal_map[head]), len(modal_map)
+        if cp["config"].get(KEY.USE_MODAL_NODE_EMBEDDING, False):
+            raise UnsupportedModelError(f"{path}: modality-dependent node embedding is not implemented")
+    elif head is not None:
+        raise UnsupportedModelError(f"{path}: single-fidelity model, it has no head/modality {head!r}")
     config, model, state = _runtime_model(cp, path)
     col = _Collector(state, dtype, path)
     mods = model._modules
@@ -279,8 +287,11 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
             _fc_tensor_product(
                 col, (name, "self_connection"), f"{t}_self_connection_intro.fc_tensor_product.weight", sc_module.fc_tensor_product
             )
-        _linear(col, (name, "linear_1"), f"{t}_self_interaction_1.linear.weight", mods[f"{t}_self_interaction_1"].linear)
-        _linear(col, (name, "linear_2"), f"{t}_self_interaction_2.linear.weight", mods[f"{t}_self_interaction_2"].linear)
+        modal_linears = []
+        for flax_name, torch_name in (("linear_1", f"{t}_self_interaction_1"), ("linear_2", f"{t}_self_interaction_2")):
+            _linear(col, (name, flax_name), f"{torch_name}.linear.weight", mods[torch_name].linear)
+            if mods[torch_name].num_modalities > 1:
+                modal_linears.append(flax_name)
         _fcn(col, (name, "radial"), f"{t}_convolution.weight_nn", conv.weight_nn)
         col.from_state("constants", (name, "post_norm"), f"{t}_convolution.denominator", 0, ())
         col.constant((name, "pre_norm"), np.ones(num_types))
@@ -303,21 +314,27 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
             "self_connection": sc_kind,
             "sort_instructions": True,
             "resnet": False,
+            "modal_linears": modal_linears,
         })
 
     hidden = mods["reduce_input_to_hidden"].linear
     energy = mods["reduce_hidden_to_energy"].linear
-    col.from_state("params", ("readout", "layer0"), "reduce_input_to_hidden.linear.weight", 0,
-                   (hidden.irreps_in.dim, hidden.irreps_out.dim))
-    col.from_state("params", ("readout", "layer1"), "reduce_hidden_to_energy.linear.weight", 0,
-                   (energy.irreps_in.dim, energy.irreps_out.dim))
+    _linear(col, ("readout_0",), "reduce_input_to_hidden.linear.weight", hidden)
+    _linear(col, ("readout_1",), "reduce_hidden_to_energy.linear.weight", energy)
+    if mods["reduce_hidden_to_energy"].num_modalities > 1:
+        raise UnsupportedModelError(f"{path}: modality-dependent energy output layer is not implemented")
+    hidden_in = mods["reduce_input_to_hidden"]._irreps_in_wo_modal.dim
     rescale = mods["rescale_atomic_energy"]
     for what in ("scale", "shift"):
-        values = getattr(rescale, what).detach().double().numpy().reshape(-1)
+        values = getattr(rescale, what).detach().double().numpy()
+        modal_wise = values.ndim == 2
+        row = modal_index if modal_wise else 0
         if values.size == 1:
-            col.constant((what,), np.full(num_types, values[0]))
+            col.constant((what,), np.full(num_types, values.reshape(-1)[0]))
         else:
-            col.from_state("constants", (what,), f"rescale_atomic_energy.{what}", 0, (num_types,))
+            col.from_state("constants", (what,), f"rescale_atomic_energy.{what}", row * num_types, (num_types,))
+    if num_modalities:
+        col.constant(("modality",), np.eye(num_modalities)[modal_index])
 
     sph = edge.spherical
     flax_config = {
@@ -330,7 +347,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         "irreps_sh": _irreps(sph.irreps_out),
         "sh_normalize": bool(sph.sph.normalize),
         "layers": layers,
-        "readout": {"dims": [hidden.irreps_in.dim, hidden.irreps_out.dim, 1], "kind": "linear", "act": None},
+        "readout": {"dims": [hidden_in, hidden.irreps_out.dim, 1], "kind": "linear", "act": None},
         "zbl_p": None,
         "source": {
             "file": path.name,
@@ -340,6 +357,11 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         },
         "torch_names": col.torch_names,
     }
+    if num_modalities:
+        flax_config["modality"] = {
+            "name": head, "index": modal_index, "count": num_modalities,
+            "readout": mods["reduce_input_to_hidden"].num_modalities > 1,
+        }
     module = NequIP.from_config(flax_config)
     for t, spec in enumerate(module.layers[:-1]):
         if layer_output_irreps(spec) != module.layers[t + 1].irreps_in:

@@ -252,6 +252,7 @@ class LayerSpec:
     self_connection: str  # "linear" | "tensor_product" | "none"
     sort_instructions: bool
     resnet: bool = False
+    modal_linears: tuple[str, ...] = ()  # of "linear_1", "linear_2": inputs get the modality one-hot appended
 
 
 # --------------------------------------------------------------- flax modules
@@ -370,7 +371,7 @@ class Interaction(nn.Module):
     num_types: int
 
     @nn.compact
-    def __call__(self, x, node_attrs, species, sh, radial_basis, senders, receivers):
+    def __call__(self, x, node_attrs, species, sh, radial_basis, senders, receivers, modality=None):
         spec = self.spec
         irr_in, irr_sh = parse_irreps(spec.irreps_in), parse_irreps(self.irreps_sh)
         gate_in = spec.gate.layout()[0]
@@ -384,7 +385,7 @@ class Interaction(nn.Module):
         else:
             sc = None
 
-        x = E3Linear(spec.irreps_in, spec.irreps_in, name="linear_1")(x)
+        x = _modal_linear(spec.irreps_in, spec.irreps_in, "linear_1" in spec.modal_linears, modality, "linear_1")(x)
         pre_norm = self.variable("constants", "pre_norm", lambda: jnp.ones((self.num_types,), x.dtype)).value
         x = x * pre_norm[species][:, None]
 
@@ -413,13 +414,28 @@ class Interaction(nn.Module):
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value
         x = x / post_norm
 
-        x = E3Linear(irreps_str(simplify_irreps(irr_mid)), irreps_str(gate_in), name="linear_2")(x)
+        x = _modal_linear(
+            irreps_str(simplify_irreps(irr_mid)), irreps_str(gate_in), "linear_2" in spec.modal_linears, modality, "linear_2"
+        )(x)
         if sc is not None:
             x = x + sc
         x = Gate(spec.gate, name="gate")(x)
         if spec.resnet:
             x = x + old_x
         return x
+
+
+def _modal_linear(irreps_in: str, irreps_out: str, modal: bool, modality, name: str):
+    """E3Linear; for a multi-fidelity SevenNet layer its input is x (+) the modality one-hot.
+
+    As sevenn's IrrepsLinear with modalities: irreps_in + "Mx0e", unsimplified,
+    so the one-hot is a chunk of its own (leaf w[n_chunks,j]) and counts in
+    the fan-in of the scalar outputs.
+    """
+    if not modal:
+        return E3Linear(irreps_in, irreps_out, name=name)
+    linear = E3Linear(f"{irreps_in}+{modality.shape[0]}x0e", irreps_out, name=name)
+    return lambda x: linear(jnp.concatenate([x, jnp.broadcast_to(modality, (x.shape[0], modality.shape[0]))], axis=1))
 
 
 def _polynomial_cutoff(x: jax.Array, p: float) -> jax.Array:
@@ -464,7 +480,11 @@ class NequIP(nn.Module):
         irreps_sh: spherical harmonics (component normalisation).
         sh_normalize: normalise edge vectors before Y (SevenNet `_normalize_sph`).
         layers: `LayerSpec` per interaction.
-        readout: `MLPSpec` from the last features to one scalar.
+        readout: `MLPSpec` from the last features to one scalar; kind
+            "linear" is SevenNet's chain of e3nn Linear 0e layers.
+        num_modalities: multi-fidelity SevenNet: size of the modality one-hot
+            (constants "modality"), appended to the inputs of the linears its
+            layers name and, with modal_readout, of the first readout linear.
         zbl_p: polynomial cutoff exponent of a nequip ZBL term, or None.
     """
 
@@ -480,6 +500,8 @@ class NequIP(nn.Module):
     layers: tuple[LayerSpec, ...]
     readout: MLPSpec
     zbl_p: float | None = None
+    num_modalities: int = 0
+    modal_readout: bool = False
 
     @nn.compact
     def __call__(self, vectors, species, senders, receivers):
@@ -506,11 +528,24 @@ class NequIP(nn.Module):
         )
         x = table[species] * self.embedding_scale
         node_attrs = jax.nn.one_hot(species, self.num_types, dtype=dtype) if self.node_attrs == "one_hot" else x
+        modality = None
+        if self.num_modalities:
+            modality = self.variable(
+                "constants", "modality", lambda: jnp.eye(self.num_modalities, dtype=dtype)[0]
+            ).value
         for t, spec in enumerate(self.layers):
             x = Interaction(spec, self.irreps_sh, self.num_types, name=f"layer_{t}")(
-                x, node_attrs, species, sh, radial_basis, senders, receivers
+                x, node_attrs, species, sh, radial_basis, senders, receivers, modality
             )
-        energy = MLP(self.readout, name="readout")(x)[:, 0]
+        if self.readout.kind == "linear":
+            dims = self.readout.dims
+            for k in range(len(dims) - 1):
+                x = _modal_linear(
+                    f"{dims[k]}x0e", f"{dims[k + 1]}x0e", self.modal_readout and k == 0, modality, f"readout_{k}"
+                )(x)
+            energy = x[:, 0]
+        else:
+            energy = MLP(self.readout, name="readout")(x)[:, 0]
 
         scale = self.variable("constants", "scale", lambda: jnp.ones((self.num_types,), dtype)).value
         shift = self.variable("constants", "shift", lambda: jnp.zeros((self.num_types,), dtype)).value
@@ -540,6 +575,7 @@ class NequIP(nn.Module):
                     self_connection=layer["self_connection"],
                     sort_instructions=layer["sort_instructions"],
                     resnet=layer.get("resnet", False),
+                    modal_linears=tuple(layer.get("modal_linears", ())),
                 )
                 for layer in config["layers"]
             )
@@ -557,6 +593,8 @@ class NequIP(nn.Module):
                 layers=layers,
                 readout=MLPSpec(tuple(readout["dims"]), readout["kind"], readout["act"]),
                 zbl_p=config.get("zbl_p"),
+                num_modalities=int(config.get("modality", {}).get("count", 0)),
+                modal_readout=bool(config.get("modality", {}).get("readout", False)),
             )
         except KeyError as err:
             raise UnsupportedModelError(f"nequip/sevenn config lacks the key {err}") from err

@@ -35,14 +35,17 @@ def _cast_hook(module, args):
     return None
 
 
-def predict(checkpoint: str, atoms_list, dtype: str = "float64") -> list[dict]:
-    """energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (ASE sign) per ase.Atoms."""
+def predict(checkpoint: str, atoms_list, dtype: str = "float64", modal: str | None = None) -> list[dict]:
+    """energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (ASE sign) per ase.Atoms.
+
+    modal: the fidelity of a multi-fidelity checkpoint (e.g. "PBE").
+    """
     import torch
 
     if dtype == "float32":
         from sevenn.calculator import SevenNetCalculator
 
-        calc = SevenNetCalculator(model=checkpoint, device="cpu")
+        calc = SevenNetCalculator(model=checkpoint, device="cpu", modal=modal)
         out = []
         for atoms in atoms_list:
             atoms = atoms.copy()
@@ -72,7 +75,10 @@ def predict(checkpoint: str, atoms_list, dtype: str = "float64") -> list[dict]:
                 value = torch.from_numpy(value)
                 value = value.double() if value.dtype.is_floating_point else value.long()
             tensors[key] = value
-        result = model(AtomGraphData(**tensors))
+        data = AtomGraphData(**tensors)
+        if modal is not None:
+            data[KEY.DATA_MODALITY] = modal
+        result = model(data)
         n = len(atoms)
         stress = -result[KEY.PRED_STRESS].detach().numpy()[[0, 1, 2, 4, 5, 3]]
         out.append(_as_results(

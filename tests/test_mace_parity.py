@@ -11,6 +11,7 @@ predicts the same frames, batched and padded, through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import batch_graphs, frame_to_graph
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import CheckpointError, UnsupportedModelError
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
 from weights_convert.mace import convert
+from weights_convert.torch_pickle import load_checkpoint, module_state_dict
 
 REFERENCE_SCRIPT = Path(__file__).parent / "torch_ref" / "mace_reference.py"
 
@@ -96,12 +99,13 @@ def references(tmp_path_factory, mace_python, shared_data) -> Path:
     return root
 
 
-def predict(config: dict, variables: dict, frames_path: Path, dtype=jnp.float64) -> dict[str, np.ndarray]:
+def predict(config: dict, variables: dict, frames: Path | list[Frame], dtype=jnp.float64) -> dict[str, np.ndarray]:
     """Energy (G,), forces (N, 3), stress (G, 3, 3) of every frame, in one padded batch.
 
     Also "periodic" (G,): stress is only defined (and compared) for periodic frames.
     """
-    frames = read_frames(frames_path)
+    if isinstance(frames, Path):
+        frames = read_frames(frames)
     batch = batch_graphs([frame_to_graph(f, config["atomic_numbers"], config["r_max"]) for f in frames])
     batch = batch._replace(
         nodes={**batch.nodes, "positions": batch.nodes["positions"].astype(dtype)},
@@ -157,19 +161,15 @@ def test_parity_float32(references):
     assert err["stress"] <= 1e-5, err
 
 
-def test_rotation_equivariance(references, shared_data, tmp_path):
+def test_rotation_equivariance(references, shared_data):
     """Energy invariant, forces and stress rotate with the frame (hidden L=2, ZBL, Agnesi model)."""
     config, variables = convert(references / "mpa0-medium.model")
     frame = read_frames(shared_data / FRAME_SETS["materials"][1][0])[3]
     rotation = np.linalg.qr(np.random.default_rng(7).normal(size=(3, 3)))[0]
     rotation *= np.sign(np.linalg.det(rotation))
-    atoms = frame.to_atoms()
-    rotated = atoms.copy()
-    rotated.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
-    rotated.positions = atoms.positions @ rotation.T
-    ase.io.write(tmp_path / "pair.extxyz", [atoms, rotated], format="extxyz")
-    out = predict(config, variables, tmp_path / "pair.extxyz")
-    n = len(atoms)
+    rotated = dataclasses.replace(frame, positions=frame.positions @ rotation.T, cell=frame.cell @ rotation.T)
+    out = predict(config, variables, [frame, rotated])
+    n = frame.num_atoms
     assert abs(out["energy"][1] - out["energy"][0]) <= 1e-10 * abs(out["energy"][0])
     np.testing.assert_allclose(out["forces"][n:], out["forces"][:n] @ rotation.T, atol=1e-9)
     np.testing.assert_allclose(out["stress"][1], rotation @ out["stress"][0] @ rotation.T, atol=1e-11)
@@ -177,7 +177,7 @@ def test_rotation_equivariance(references, shared_data, tmp_path):
 
 
 def test_config_and_names(references):
-    """Config is JSON, names every leaf's torch slice, and the slices give back the leaves."""
+    """Config is JSON; torch_names gives, for every leaf, the torch slice it was read from."""
     config, variables = convert(references / "mpa0-medium.model")
     json.dumps(config)
     assert config["model"] == "mace" and config["source"]["kind"] == "mace"
@@ -186,10 +186,20 @@ def test_config_and_names(references):
         for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
     }
     assert set(flat) == set(config["torch_names"])
-    assert any(name.startswith("params/products_0/symmetric_contractions/w[") for name in flat)
     assert "constants/interactions_1/conv_tp/w3j_1_2_1" in flat
-    key, start, stop, shape, torch_shape = config["torch_names"]["params/interactions_1/linear/w[2,1] 16x1o,16x1o"]
-    assert key == "interactions.1.linear.weight" and stop - start == 256 and shape == [16, 16]
+    state = module_state_dict(load_checkpoint(references / "mpa0-medium.model"))
+    covered: dict[str, int] = {}
+    for name, (key, start, stop, shape, torch_shape) in config["torch_names"].items():
+        if start is None:  # a Python attribute (avg_num_neighbors, normalize2mom constant)
+            assert name.startswith("constants/")
+            continue
+        assert list(state[key].shape) == torch_shape
+        np.testing.assert_array_equal(flat[name], np.asarray(state[key]).reshape(-1)[start:stop].reshape(shape))
+        if name.startswith("params/"):
+            covered[key] = covered.get(key, 0) + stop - start
+    # Every float parameter of the torch model is mapped once, entirely.
+    weights = {k: v.size for k, v in state.items() if k.endswith(("weight", "weights_max")) or ".weights." in k}
+    assert covered == {k: n for k, n in weights.items() if n}
 
 
 def test_multihead_head_selection(references):

@@ -89,7 +89,7 @@ def _check(label, frames, config, variables, path, tol, dtype=np.float64):
 
 def test_float64_parity_small(small, frames):
     path, config, variables = small
-    assert config["model"] == "nequip" and config["zbl_p"] == 5.0
+    assert config["model"] == "nequip" and config["radial_basis"]["cutoff_arg"] == 5.0 and config["zbl_p"] == 6.0
     pre_norm = variables["constants"]["layer_1"]["pre_norm"]
     np.testing.assert_allclose(pre_norm, [1 / np.sqrt(10.0 + 3 * i) for i in range(len(ELEMENTS))])
     _check("nequip small float64", frames, config, variables, path, TOL)

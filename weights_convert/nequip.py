@@ -152,11 +152,11 @@ def _scalar_mlp(col: _Collector, where, prefix: str, mlp_function) -> dict:
         alpha_product = None
     dims = list(mlp_function.dims)
     spec = MLPSpec(tuple(dims), "nequip", act)
-    if alpha_product is not None and not np.isclose(np.prod(spec.alphas()), alpha_product, rtol=1e-12):
+    if alpha_product is not None and not np.isclose(np.prod(spec.alphas()), alpha_product, rtol=1e-6):
         raise UnsupportedModelError(f"{col.path}: {prefix} weight scaling differs from forward_weight_init")
     if alpha_product is None:
         for (_, layer), alpha in zip(layers, spec.alphas()):
-            if not np.isclose(float(layer.alpha), alpha, rtol=1e-12):
+            if not np.isclose(float(layer.alpha), alpha, rtol=1e-6):
                 raise UnsupportedModelError(f"{col.path}: {prefix} weight scaling differs from forward_weight_init")
     for k, key in enumerate(weights):
         col.from_state("params", where + (f"layer{k}",), key, 0, (dims[k], dims[k + 1]))

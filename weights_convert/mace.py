@@ -425,7 +425,8 @@ def _map_variables(path: Path, model: PickledObject, sd: dict, config: dict) -> 
         residual = "Residual" in layer.interaction
         m.check_irreps(f"{key}.target_irreps", block.target_irreps, layer.target)
         m.check_irreps(f"{key}.hidden_irreps", block.hidden_irreps, layer.hidden_out)
-        m.put_attribute(f"{leaf}/avg_num_neighbors", f"{key}.avg_num_neighbors", float(block.avg_num_neighbors))
+        if "Density" not in layer.interaction:  # density blocks normalise by the learnt density instead
+            m.put_attribute(f"{leaf}/avg_num_neighbors", f"{key}.avg_num_neighbors", float(block.avg_num_neighbors))
         m.linear(f"{leaf}/linear_up", f"{key}.linear_up", block.linear_up, layer.node_feats, layer.node_feats)
         numel = m.conv_tp(f"{leaf}/conv_tp", f"{key}.conv_tp", block.conv_tp, layer.node_feats, sh, layer.target)
         hs = [n_bessel, *config["radial_MLP"], numel]

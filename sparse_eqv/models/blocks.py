@@ -184,11 +184,9 @@ class FullyConnectedNet(nn.Module):
             ).value
         for k, (h_in, h_out) in enumerate(zip(self.hs[:-1], self.hs[1:])):
             w = self.param(f"layer{k}", nn.initializers.normal(1.0), (h_in, h_out), self.param_dtype)
+            x = x @ (w / h_in**0.5)
             if k < n_layers - 1 and self.act is not None:
-                x = x @ (w / h_in**0.5)
                 x = ACTIVATIONS[self.act](x) * act_norm
-            else:
-                x = x @ (w / h_in**0.5)
         return x
 
 

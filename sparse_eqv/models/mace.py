@@ -31,7 +31,7 @@ Variables:
     constants  atomic_energies (n_elements,), scale_shift/{scale,shift},
                radial_embedding/{bessel_weights,prefactor,r_max}[/agnesi/{a,q,p,covalent_radii}],
                pair_repulsion/{c,a_exp,a_prefactor,covalent_radii},
-               interactions_t/avg_num_neighbors, interactions_t/conv_tp_weights/act_norm,
+               interactions_t/avg_num_neighbors (non-density blocks), interactions_t/conv_tp_weights/act_norm,
                interactions_t/conv_tp/w3j_l1_l2_l3, products_t/symmetric_contractions/U[{ir},nu={nu}],
                readouts_t/act_norm
 """
@@ -237,7 +237,6 @@ class InteractionBlock(nn.Module):
         density = "Density" in self.kind
         n_nodes = node_feats.shape[0]
         attrs_irreps = f"{self.num_elements}x0e"
-        avg_num_neighbors = self.variable("constants", "avg_num_neighbors", lambda: jnp.asarray(1.0, self.param_dtype))
         sc = None
         if residual:
             sc = FullyConnectedTensorProduct(
@@ -270,6 +269,7 @@ class InteractionBlock(nn.Module):
         if density:
             message = e3nn.IrrepsArray(message.irreps, message.array / (node_density + 1))
         else:
+            avg_num_neighbors = self.variable("constants", "avg_num_neighbors", lambda: jnp.asarray(1.0, self.param_dtype))
             message = e3nn.IrrepsArray(message.irreps, message.array / avg_num_neighbors.value)
         if not residual:
             message = FullyConnectedTensorProduct(

@@ -73,18 +73,22 @@ ARCHITECTURES = {
         interaction_first="RealAgnosticInteractionBlock", interaction="RealAgnosticResidualInteractionBlock",
         num_interactions=2, channels=128, max_L=1, MLP_irreps="16x0e", correlation=3, radial_MLP=[64, 64, 64],
     ),
-    # Plain MACE (no scale/shift), correlation 1, three layers (an intermediate linear readout).
+    # Plain MACE (no scale/shift), correlation 1, three layers, cutoff applied to the
+    # radial MLP output (apply_cutoff=False).
     "corr1": dict(
         model="MACE", elements=ORGANICS, r_max=5.0, num_bessel=6, num_polynomial_cutoff=6, max_ell=2,
         interaction_first="RealAgnosticResidualInteractionBlock", interaction="RealAgnosticInteractionBlock",
         num_interactions=3, channels=32, max_L=1, MLP_irreps="8x0e", correlation=1, radial_MLP=[32, 32],
+        apply_cutoff=False,
     ),
-    # Correlation 2 and a different order per layer, max_ell 2, hidden L=2.
+    # Correlation 2 then 1, max_ell 2, hidden L=2 kept up to the last layer, only the
+    # last layer read out.
     "corr2": dict(
         model="ScaleShiftMACE", elements=MATERIALS, r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=2,
         interaction_first="RealAgnosticDensityResidualInteractionBlock",
         interaction="RealAgnosticDensityInteractionBlock", num_interactions=2, channels=32, max_L=2,
         MLP_irreps="16x0e", correlation=[2, 1], radial_MLP=[32, 32, 32], pair_repulsion=True,
+        keep_last_layer_irreps=True, use_last_readout_only=True,
     ),
     # Multi-head fine-tuned model (mace's pt_head + a new head), per-head E0s, scale and shift.
     "multihead": dict(
@@ -154,6 +158,9 @@ def build(arch: str, seed: int, full_size: bool) -> torch.nn.Module:
         distance_transform=spec.get("distance_transform", "None"),
         radial_MLP=spec["radial_MLP"],
         heads=heads,
+        apply_cutoff=spec.get("apply_cutoff", True),
+        use_last_readout_only=spec.get("use_last_readout_only", False),
+        keep_last_layer_irreps=spec.get("keep_last_layer_irreps", False),
     )
     if spec["model"] == "ScaleShiftMACE":
         scale = rng.uniform(0.5, 2.0, size=n_heads)

@@ -60,10 +60,6 @@ def irreps_str(irreps: Irreps) -> str:
     return "+".join(f"{m}x{l}{'e' if p == 1 else 'o'}" for m, l, p in irreps)
 
 
-def irreps_dim(irreps: Irreps) -> int:
-    return sum(m * (2 * l + 1) for m, l, _ in irreps)
-
-
 def sort_irreps(irreps: Irreps) -> tuple[Irreps, tuple[int, ...]]:
     """e3nn (torch) `Irreps.sort`: stable sort on (l, p); returns (sorted, p) with p[old] = new."""
     order = sorted(range(len(irreps)), key=lambda i: ((irreps[i][1], irreps[i][2]), i, irreps[i][0]))
@@ -397,18 +393,21 @@ class Interaction(nn.Module):
         x_j = chunks(x[senders], irr_in)
         y = chunks(sh, irr_sh)
         mid: list[Any] = [None] * len(irr_mid)
+        y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
         offset = 0
         for i, j, k in instructions:
             m, l1, _ = irr_in[i]
             l2, l3 = irr_sh[j][1], irr_mid[k][1]
-            cg = self.variable(
-                "constants", f"cg_{l1}_{l2}_{l3}", lambda a=l1, b=l2, c=l3: jnp.asarray(e3nn_jax.clebsch_gordan(a, b, c), x.dtype)
-            ).value
+            if (l1, j, l3) not in y_cg:
+                cg = self.variable(
+                    "constants", f"cg_{l1}_{l2}_{l3}",
+                    lambda a=l1, b=l2, c=l3: jnp.asarray(e3nn_jax.clebsch_gordan(a, b, c), x.dtype),
+                ).value
+                # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
+                y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
             w = weights[:, offset : offset + m]
             offset += m
-            # e3nn 'uvu', path normalisation 'element', one path per output chunk
-            coef = math.sqrt(2 * l3 + 1)
-            mid[k] = coef * jnp.einsum("eu,eui,ej,ijk->euk", w, x_j[i], y[j][:, 0, :], cg)
+            mid[k] = jnp.einsum("eui,eik->euk", x_j[i], y_cg[(l1, j, l3)]) * w[:, :, None]
         messages = flat(mid)
         x = jax.ops.segment_sum(messages, receivers, num_segments=n_node)
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value

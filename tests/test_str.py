@@ -296,3 +296,19 @@ def test_e0_fit_recovers_shift_and_updates_constant():
     assert e0s.e0_key({**config, "e0_constant": "constants/atomic_energies"}, mace_like["constants"]) == ("atomic_energies",)
     with pytest.raises(SparseEqvError, match="--e0s keep"):
         e0s.e0_key(config, {"scale_shift": {"shift": np.zeros(())}})
+
+
+def test_valid_fraction_split_is_seeded_and_disjoint(tmp_path):
+    from sparse_eqv.errors import DataError
+    from sparse_eqv.finetune.run import split_frames
+
+    frames = [Frame(np.array([3]), np.zeros((1, 3)), np.zeros((3, 3)), np.zeros(3, bool), energy=float(i),
+                    source=f"f:{i}") for i in range(10)]
+    train, valid = split_frames(frames, 0.2, seed=1, path=tmp_path)
+    assert len(valid) == 2 and len(train) == 8
+    assert {f.source for f in train}.isdisjoint(f.source for f in valid)
+    assert [f.source for f in split_frames(frames, 0.2, seed=1, path=tmp_path)[1]] == [f.source for f in valid]
+    with pytest.raises(DataError, match="cannot be split"):
+        split_frames(frames[:1], 0.5, seed=0, path=tmp_path)
+    with pytest.raises(SparseEqvError, match="strictly between"):
+        split_frames(frames, 1.0, seed=0, path=tmp_path)

@@ -225,7 +225,7 @@ class Trainer:
             dense_weight_decay=train_config.dense_weight_decay,
             clip_norm=train_config.clip_norm,
         )
-        self.initial_tree = tree
+        self.initial_tree = jax.tree.map(np.asarray, tree)  # host copy: the step donates device buffers
         self.total_steps: int | None = None
         self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
         self._eval_step = jax.jit(self._evaluate_batch)

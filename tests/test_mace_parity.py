@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import ase.io
@@ -85,7 +86,7 @@ def _run_reference(mace_python: Path, jobs: list[dict], workdir: Path, timeout: 
 
 @pytest.fixture(scope="session")
 def references(tmp_path_factory, mace_python, shared_data) -> Path:
-    """Directory with <arch>.model and <arch>.npz for every case, plus unsupported-att.model."""
+    """Directory with <arch>.model and <arch>.npz for every case, plus the unsupported-*.model files."""
     root = tmp_path_factory.mktemp("mace_reference")
     for frame_set in FRAME_SETS:
         _write_frames(shared_data, frame_set, root / f"{frame_set}.extxyz")
@@ -94,7 +95,7 @@ def references(tmp_path_factory, mace_python, shared_data) -> Path:
              out=str(root / f"{arch}.npz"), head=head)
         for seed, (arch, frame_set, head) in enumerate(CASES)
     ]
-    jobs.append(dict(arch="unsupported-att", seed=0, model=str(root / "unsupported-att.model")))
+    jobs += [dict(arch=arch, seed=0, model=str(root / f"{arch}.model")) for arch in ("unsupported-att", "unsupported-radial")]
     _run_reference(mace_python, jobs, root, timeout=900)
     return root
 
@@ -211,10 +212,24 @@ def test_multihead_head_selection(references):
     assert config["head"] == "pt_head" and config["heads"] == ["pt_head", "DFT"]
 
 
-def test_unsupported_interaction_block(references):
-    with pytest.raises(UnsupportedModelError, match="RealAgnosticAttResidualInteractionBlock") as info:
-        convert(references / "unsupported-att.model")
-    assert "interaction" in str(info.value)
+@pytest.mark.parametrize(
+    "arch,option,value",
+    [("unsupported-att", "interaction", "RealAgnosticAttResidualInteractionBlock"), ("unsupported-radial", "radial_type", "GaussianBasis")],
+)
+def test_unsupported_option(references, arch, option, value):
+    """The error names the option and the class it found."""
+    with pytest.raises(UnsupportedModelError, match=value) as info:
+        convert(references / f"{arch}.model")
+    assert option in str(info.value)
+
+
+def test_cuequivariance_model(tmp_path):
+    """A model saved with cuequivariance modules: convert it to e3nn first (read without unpickling)."""
+    path = tmp_path / "cueq.model"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("cueq/data.pkl", b"\x80\x02ccuequivariance_torch.operations.symmetric_contraction\nSymmetricContraction\nq\x00.")
+    with pytest.raises(CheckpointError, match="convert_cueq_e3nn"):
+        convert(path)
 
 
 def test_other_architecture_checkpoint(tmp_path):

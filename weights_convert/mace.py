@@ -42,6 +42,7 @@ from sparse_eqv.models.blocks import (
     w3j_name,
 )
 from sparse_eqv.models.mace import (
+    INTERACTION_CLASSES,
     MACE,
     check_supported,
     conv_tp_structure,
@@ -197,6 +198,12 @@ def _read_config(path: Path, model: PickledObject, sd: dict, head: str | None) -
     if len(interactions) != n or len(products) != n:
         raise CheckpointError(f"{path}: num_interactions={n} but {len(interactions)} interaction blocks")
     kinds = [_class_name(m) for m in interactions]
+    for option, kind in (("interaction_first", kinds[0]), *(("interaction", k) for k in kinds[1:])):
+        if kind not in INTERACTION_CLASSES:
+            raise UnsupportedModelError(
+                f"{path}: {cls} option {option} (interaction block class)={kind!r} is not supported by the "
+                f"Flax MACE (supported: {', '.join(INTERACTION_CLASSES)})"
+            )
     if len(set(kinds[1:])) > 1:
         raise _unsupported(path, "interaction_cls", kinds[1:], cls)
     hidden = _irreps(interactions[1].node_feats_irreps) if n > 1 else _irreps(interactions[0].hidden_irreps)

@@ -170,18 +170,23 @@ def mace_structure(config: dict[str, Any]) -> tuple[list[LayerIrreps], list[Read
 def check_supported(config: dict[str, Any], where: str = "config") -> None:
     """Raise UnsupportedModelError for any option outside what this module reproduces."""
 
-    def fail(option, value, cls="MACE"):
-        raise UnsupportedModelError(f"{where}: {cls} option {option}={value!r} is not supported by the Flax MACE")
+    cls = config["mace_class"]
 
-    if config["mace_class"] not in ("MACE", "ScaleShiftMACE"):
-        fail("model class", config["mace_class"], config["mace_class"])
+    def fail(option, value, where_cls=None, supported=None):
+        hint = f" (supported: {', '.join(supported)})" if supported else ""
+        raise UnsupportedModelError(
+            f"{where}: {where_cls or cls} option {option}={value!r} is not supported by the Flax MACE{hint}"
+        )
+
+    if cls not in ("MACE", "ScaleShiftMACE"):
+        fail("model class", cls, supported=("MACE", "ScaleShiftMACE"))
     for key in ("interaction_first", "interaction"):
         if config[key] not in INTERACTION_CLASSES:
-            fail(key, config[key], config[key])
+            fail(f"{key} (interaction block class)", config[key], supported=INTERACTION_CLASSES)
     if config["distance_transform"] not in DISTANCE_TRANSFORMS:
-        fail("distance_transform", config["distance_transform"])
+        fail("distance_transform", config["distance_transform"], supported=DISTANCE_TRANSFORMS)
     if config["gate"] is not None and config["gate"] not in ACTIVATIONS:
-        fail("gate", config["gate"], "NonLinearReadoutBlock")
+        fail("gate", config["gate"], "NonLinearReadoutBlock", supported=tuple(ACTIVATIONS))
     if not 0 <= config["max_ell"] <= 3:
         fail("max_ell", config["max_ell"])
     hidden = e3nn.Irreps(config["hidden_irreps"])

@@ -104,6 +104,13 @@ ARCHITECTURES = {
         interaction="RealAgnosticAttResidualInteractionBlock", num_interactions=2, channels=128, max_L=1,
         MLP_irreps="16x0e", correlation=2, radial_MLP=[64, 64, 64],
     ),
+    # Outside what the converter reproduces: a Gaussian radial basis.
+    "unsupported-radial": dict(
+        model="ScaleShiftMACE", elements=MATERIALS, r_max=5.0, num_bessel=8, num_polynomial_cutoff=5, max_ell=1,
+        interaction_first="RealAgnosticResidualInteractionBlock", interaction="RealAgnosticResidualInteractionBlock",
+        num_interactions=2, channels=8, max_L=0, MLP_irreps="16x0e", correlation=2, radial_MLP=[16],
+        radial_type="gaussian",
+    ),
 }
 REDUCED = dict(channels=16, radial_MLP=[16, 16, 16])
 
@@ -128,7 +135,7 @@ def _memoize_u_matrices() -> None:
 def build(arch: str, seed: int, full_size: bool) -> torch.nn.Module:
     """The architecture with mace's own random initialisation (seeded), float64."""
     spec = dict(ARCHITECTURES[arch])
-    if not full_size and arch != "unsupported-att":
+    if not full_size and not arch.startswith("unsupported"):
         spec.update({k: v for k, v in REDUCED.items() if k in spec})
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -161,6 +168,7 @@ def build(arch: str, seed: int, full_size: bool) -> torch.nn.Module:
         apply_cutoff=spec.get("apply_cutoff", True),
         use_last_readout_only=spec.get("use_last_readout_only", False),
         keep_last_layer_irreps=spec.get("keep_last_layer_irreps", False),
+        radial_type=spec.get("radial_type", "bessel"),
     )
     if spec["model"] == "ScaleShiftMACE":
         scale = rng.uniform(0.5, 2.0, size=n_heads)

@@ -173,12 +173,32 @@ def test_untrusted_package_is_refused(tmp_path):
         nequip_convert.convert(package)
 
 
+class _Doubler:
+    """A TorchScript-able module (built lazily: torch is imported in the test)."""
+
+    @staticmethod
+    def build():
+        import torch
+
+        class Doubler(torch.nn.Module):
+            def forward(self, x):
+                return 2 * x
+
+        return torch.jit.script(Doubler())
+
+
 def test_compiled_files_are_refused(tmp_path):
+    import torch
+
     for name in ("model.nequip.pt2", "model.nequip.pth"):
         compiled = tmp_path / name
         compiled.write_bytes(b"\0" * 64)
         with pytest.raises(UnsupportedModelError, match=r"\.ckpt"):
             nequip_convert.convert(compiled)
+    scripted = tmp_path / "deployed.pth"  # any TorchScript archive, whatever its name
+    torch.jit.save(_Doubler.build(), str(scripted))
+    with pytest.raises(UnsupportedModelError, match="compiled"):
+        nequip_convert.convert(scripted)
 
 
 def test_builder_outside_the_whitelist_is_refused(tmp_path):

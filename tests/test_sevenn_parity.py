@@ -57,7 +57,15 @@ def _report(label, dev):
     print(f"{label}: " + ", ".join(f"{k} {v:.2e}" for k, v in dev.items()))
 
 
-@pytest.mark.parametrize("name", ["7net-0", "7net-0_22May2024", "7net-l3i5"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "7net-0",
+        # the other full-size checkpoints: minutes each on 2 cores (`make test` runs them)
+        pytest.param("7net-0_22May2024", marks=pytest.mark.slow),
+        pytest.param("7net-l3i5", marks=pytest.mark.slow),
+    ],
+)
 def test_float64_parity(frames, name):
     """SevenNet-0 (11Jul2024, 22May2024: XPLOR cutoff, l_max 2) and SevenNet-l3i5 (l_max 3, polynomial cutoff)."""
     config, variables = _converted(name)
@@ -127,6 +135,7 @@ def test_multi_fidelity_needs_a_modality():
         sevenn_convert.convert("7net-0", head="PBE")
 
 
+@pytest.mark.slow
 def test_multi_fidelity_parity(frames):
     """SevenNet-MF-0 with the PBE modality fixed at conversion."""
     config, variables = sevenn_convert.convert("7net-mf-0", head="PBE")

@@ -182,7 +182,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     if dtype not in ("float32", "float64"):
         raise UnsupportedModelError(f"dtype {dtype!r}: use float32 or float64")
     name = path.name.lower()
-    if name.endswith((".pt2", ".pth")) and ".nequip." in name or name.endswith(".nequip.pt2"):
+    if (".nequip." in name and name.endswith((".pt2", ".pth"))) or _is_compiled_archive(path):
         raise UnsupportedModelError(
             f"{path}: a compiled nequip model (nequip-compile, AOTInductor/TorchScript) holds compiled kernels, "
             "not the module tree and weights in a convertible form. Convert the training checkpoint (.ckpt) "
@@ -337,6 +337,15 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     variables = {"params": col.params, "constants": col.constants}
     check_variables(module, variables, str(path))
     return config, variables
+
+
+def _is_compiled_archive(path: Path) -> bool:
+    """TorchScript (code/, constants.pkl) or AOTInductor (.pt2: data/aotinductor/) archives."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any("/code/" in n or n.endswith("/constants.pkl") or "/aotinductor/" in n for n in names)
 
 
 def _is_torch_save_zip(path: Path) -> bool:

@@ -289,15 +289,21 @@ class Linear(nn.Module):
         if x.irreps != irreps_in:
             raise ValueError(f"Linear expects {irreps_in}, got {x.irreps}")
         lead = x.shape[:-1]
-        outputs: list[list[jax.Array]] = [[] for _ in irreps_out]
-        for path in linear_instructions(irreps_in, irreps_out):
-            if 0 in path.shape:
+        paths = [p for p in linear_instructions(irreps_in, irreps_out) if 0 not in p.shape]
+        weights = {p.name: self.param(p.name, nn.initializers.normal(1.0), p.shape, self.param_dtype) for p in paths}
+        chunks = []
+        for i_out, mo in enumerate(irreps_out):
+            into = [p for p in paths if p.i_out == i_out]
+            if not into:
+                chunks.append(jnp.zeros(lead + (mo.mul, mo.ir.dim), x.dtype))
                 continue
-            w = self.param(path.name, nn.initializers.normal(1.0), path.shape, self.param_dtype)
-            mul_ir = irreps_in[path.i_in]
-            chunk = _zeros_if_none(x.chunks[path.i_in], lead + (mul_ir.mul, mul_ir.ir.dim), x.dtype)
-            outputs[path.i_out].append(path.path_weight * jnp.einsum("uw,...ui->...wi", w, chunk))
-        chunks = [_sum_or_zeros(outs, lead + (mo.mul, mo.ir.dim), x.dtype) for outs, mo in zip(outputs, irreps_out)]
+            # The paths into one output share their path weight: one matmul over the stacked inputs.
+            inputs = [
+                _zeros_if_none(x.chunks[p.i_in], lead + (irreps_in[p.i_in].mul, mo.ir.dim), x.dtype) for p in into
+            ]
+            w = jnp.concatenate([weights[p.name] for p in into], axis=0)
+            stacked = jnp.concatenate(inputs, axis=-2) if len(inputs) > 1 else inputs[0]
+            chunks.append(into[0].path_weight * jnp.einsum("uw,...ui->...wi", w, stacked))
         return e3nn.from_chunks(irreps_out, chunks, lead, x.dtype)
 
 

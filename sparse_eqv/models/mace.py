@@ -405,6 +405,9 @@ class MACE(nn.Module):
     Attributes mirror mace's constructor arguments (config keys of the same
     name); `product_num_params[t][o]` holds K_nu (nu = 1..correlation) of
     layer t's output irrep o.
+
+    `init` gives random weights and mace's default constants, except the U
+    matrices (zeros): they are read from a checkpoint by the converter.
     """
 
     mace_class: str
@@ -465,9 +468,6 @@ class MACE(nn.Module):
         head_index = list(self.heads).index(self.head)
         n_nodes = species.shape[0]
 
-        def const(name, shape, fill=0.0):
-            return self.variable("constants", name, lambda: jnp.full(shape, fill, dtype)).value
-
         # Edges as mace sees them: from sender (neighbour) to receiver (centre).
         vectors = -vectors
         lengths = jnp.linalg.norm(vectors, axis=-1)
@@ -475,16 +475,17 @@ class MACE(nn.Module):
         z_nodes = z_table[species]
         node_attrs = e3nn.IrrepsArray(f"{n_elements}x0e", jax.nn.one_hot(species, n_elements, dtype=dtype))
 
-        node_e0 = const("atomic_energies", (n_elements,))[species]
+        e0s = self.variable("constants", "atomic_energies", lambda: jnp.zeros((n_elements,), dtype)).value
+        node_e0 = e0s[species]
         channels = e3nn.Irreps(self.hidden_irreps).count("0e")
         node_feats = Linear(f"{n_elements}x0e", f"{channels}x0e", dtype, name="node_embedding")(node_attrs)
         edge_attrs = e3nn.spherical_harmonics(
             sh_irreps(self.max_ell), vectors / lengths[:, None], normalize=False, normalization="component"
         )
         edge_feats, cutoff = RadialEmbedding(
-            self.num_bessel, self.num_polynomial_cutoff, self.distance_transform, self.apply_cutoff, self.dtype,
-            name="radial_embedding",
-        )(lengths, z_table[species[senders]], z_table[species[receivers]])
+            self.r_max, self.num_bessel, self.num_polynomial_cutoff, self.distance_transform, self.apply_cutoff,
+            self.dtype, name="radial_embedding",
+        )(lengths, z_nodes[senders], z_nodes[receivers])
 
         if self.pair_repulsion:
             pair = self._pair_repulsion(lengths, z_nodes[senders], z_nodes[receivers], receivers, n_nodes, dtype)
@@ -514,8 +515,10 @@ class MACE(nn.Module):
             )
         interaction_energy = jnp.sum(jnp.stack(node_es, axis=0), axis=0)
         if self.mace_class == "ScaleShiftMACE":
-            scale = self.variable("constants", "scale_shift", lambda: {"scale": jnp.ones((), dtype), "shift": jnp.zeros((), dtype)}).value
-            return node_e0 + (scale["scale"] * interaction_energy + scale["shift"])
+            scale_shift = self.variable(
+                "constants", "scale_shift", lambda: {"scale": jnp.ones((), dtype), "shift": jnp.zeros((), dtype)}
+            ).value
+            return node_e0 + (scale_shift["scale"] * interaction_energy + scale_shift["shift"])
         return node_e0 + interaction_energy
 
     def _pair_repulsion(self, lengths, z_u, z_v, receivers, n_nodes, dtype):
@@ -546,6 +549,7 @@ class RadialEmbedding(nn.Module):
     apply_cutoff the envelope is already in edge_feats and cutoff is None.
     """
 
+    r_max: float
     num_bessel: int
     p: int
     distance_transform: str
@@ -554,10 +558,13 @@ class RadialEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, lengths, z_u, z_v):
+        """lengths (E,) Å, atomic numbers of sender and receiver (E,)."""
         dtype = jnp.dtype(self.dtype)
-        bessel_weights = self.variable("constants", "bessel_weights", lambda: jnp.zeros((self.num_bessel,), dtype)).value
-        prefactor = self.variable("constants", "prefactor", lambda: jnp.zeros((), dtype)).value
-        r_max = self.variable("constants", "r_max", lambda: jnp.zeros((), dtype)).value
+        bessel_weights = self.variable(
+            "constants", "bessel_weights", lambda: jnp.pi / self.r_max * jnp.arange(1, self.num_bessel + 1, dtype=dtype)
+        ).value
+        prefactor = self.variable("constants", "prefactor", lambda: jnp.asarray((2.0 / self.r_max) ** 0.5, dtype)).value
+        r_max = self.variable("constants", "r_max", lambda: jnp.asarray(self.r_max, dtype)).value
         cutoff = polynomial_cutoff(lengths, r_max, self.p)
         if self.distance_transform == "Agnesi":
             agnesi = self.variable(

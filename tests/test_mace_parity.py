@@ -214,7 +214,10 @@ def test_multihead_head_selection(references):
 
 @pytest.mark.parametrize(
     "arch,option,value",
-    [("unsupported-att", "interaction", "RealAgnosticAttResidualInteractionBlock"), ("unsupported-radial", "radial_type", "GaussianBasis")],
+    [
+        ("unsupported-att", "interaction", "RealAgnosticAttResidualInteractionBlock"),
+        ("unsupported-radial", "radial_type", "GaussianBasis"),
+    ],
 )
 def test_unsupported_option(references, arch, option, value):
     """The error names the option and the class it found."""
@@ -227,7 +230,9 @@ def test_cuequivariance_model(tmp_path):
     """A model saved with cuequivariance modules: convert it to e3nn first (read without unpickling)."""
     path = tmp_path / "cueq.model"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("cueq/data.pkl", b"\x80\x02ccuequivariance_torch.operations.symmetric_contraction\nSymmetricContraction\nq\x00.")
+        # A protocol-2 pickle naming a cuequivariance_torch class (GLOBAL opcode) and nothing else.
+        global_op = b"ccuequivariance_torch.operations.symmetric_contraction\nSymmetricContraction\n"
+        archive.writestr("cueq/data.pkl", b"\x80\x02" + global_op + b"q\x00.")
     with pytest.raises(CheckpointError, match="convert_cueq_e3nn"):
         convert(path)
 

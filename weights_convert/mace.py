@@ -341,7 +341,8 @@ class _Mapper:
         self._check_tp(key, record, instructions)
         for ins in instructions:
             size = int(np.prod(ins.shape))
-            self.put("params", f"{leaf}/{tp_weight_name(ins, i1, i2, io)}", f"{key}.weight", ins.start, ins.start + size, ins.shape)
+            name = f"{leaf}/{tp_weight_name(ins, i1, i2, io)}"
+            self.put("params", name, f"{key}.weight", ins.start, ins.start + size, ins.shape)
         self._w3j(leaf, key, i1, i2, io, instructions)
 
     def conv_tp(self, leaf: str, key: str, record: PickledObject, in1: str, in2: str, target: str):
@@ -456,7 +457,11 @@ def _map_variables(path: Path, model: PickledObject, sd: dict, config: dict) -> 
             prefix = f"{key}.symmetric_contractions.contractions.{o}"
             for nu in range(1, layer.correlation + 1):
                 m.put("constants", f"{leaf}/symmetric_contractions/U[{ir},nu={nu}]", f"{prefix}.U_matrix_{nu}")
-                weight = f"{prefix}.weights_max" if nu == layer.correlation else f"{prefix}.weights.{layer.correlation - 1 - nu}"
+                # mace keeps nu = correlation in weights_max, then nu = correlation-1, ..., 1 in weights.0, 1, ...
+                if nu == layer.correlation:
+                    weight = f"{prefix}.weights_max"
+                else:
+                    weight = f"{prefix}.weights.{layer.correlation - 1 - nu}"
                 m.put("params", f"{leaf}/symmetric_contractions/w[{ir},nu={nu}]", weight)
         m.linear(f"{leaf}/linear", f"{key}.linear", product.linear, layer.hidden_out, layer.hidden_out)
 

@@ -323,7 +323,9 @@ class SymmetricContraction(nn.Module):
                 ).value
                 if ir.l == 0:
                     u = u[None]
-                w = self.param(f"w[{ir},nu={nu}]", nn.initializers.normal(1.0 / k), (self.num_elements, k, channels), self.param_dtype)
+                w = self.param(
+                    f"w[{ir},nu={nu}]", nn.initializers.normal(1.0 / k), (self.num_elements, k, channels), self.param_dtype
+                )
                 w_nodes = w[species]  # (N, K, C)
                 kept = letters[: nu - 1]
                 if out is None:

@@ -149,3 +149,54 @@ def test_missing_base_checkpoint_says_where_it_looked(tmp_path, sevennet):
     with pytest.raises(CheckpointError, match=r"looked for '.*gone/checkpoint.pth'"):
         export_run(run, tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, shared_data):
+    """A random-weight MACE-MP-0b3-architecture model (reduced channels), every
+    weight leaf and the E0s changed, exported, and evaluated by mace-torch's
+    MACECalculator (float64) against the JAX model with the same changes."""
+    import ase.io
+    import subprocess
+
+    env = {**__import__("os").environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    base_file = tmp_path / "base.model"
+    subprocess.run(
+        [str(mace_python), str(repo_root / "tests/torch_ref/mace_reference.py"), "mp0b3-medium", "--seed", "3",
+         "--model", str(base_file)], check=True, env=env, capture_output=True,
+    )
+    config, variables = convert(base_file)
+    base_dir = tmp_path / "base"
+    save_model(base_dir, config, variables)
+    config, variables = load_model(base_dir)
+    new = perturbed(config, variables, seed=2)
+    new["constants"]["atomic_energies"][:2] += [0.25, -0.5]  # as an E0 fit does
+    run = make_run(tmp_path, base_dir, config, new)
+    merged = tmp_path / "merged.model"
+    export_run(run, merged)
+    assert merged.stat().st_size == base_file.stat().st_size
+
+    frames_file = tmp_path / "frames.extxyz"
+    source = read_frames(shared_data / "cu" / "mlearn_Cu_test.json")[:2]
+    ase.io.write(frames_file, [f.to_atoms() for f in source], format="extxyz")
+    frames = read_frames(frames_file)  # both sides see the same (rounded) positions
+    out = tmp_path / "torch.npz"
+    subprocess.run(
+        [str(mace_python), str(repo_root / "tests/torch_ref/export_mace_calculator.py"), str(merged), str(frames_file),
+         str(out)], check=True, env=env, capture_output=True,
+    )
+    theirs = np.load(out)
+    ours = Predictor(config, new).predict(frames)
+    before = Predictor(config, variables).predict(frames[:1])
+    assert abs(before[0]["energy"] - ours[0]["energy"]) > 1e-3
+    offset = 0
+    for index, (frame, prediction) in enumerate(zip(frames, ours)):
+        n = frame.num_atoms
+        assert abs(prediction["energy"] - theirs["energy"][index]) / n <= 1e-8
+        assert np.abs(prediction["forces"] - theirs["forces"][offset : offset + n]).max() <= 1e-7
+        assert np.abs(prediction["stress"] - theirs["stress"][index]).max() <= 1e-8
+        offset += n
+
+    patch = tmp_path / "run.delta"
+    export_run(run, patch, delta_only=True)
+    apply_delta(base_file, patch, tmp_path / "rebuilt.model")
+    assert (tmp_path / "rebuilt.model").read_bytes() == merged.read_bytes()

@@ -34,14 +34,19 @@ def _data_offset(handle, info: zipfile.ZipInfo) -> int:
 
 def _central_directory_crc_offsets(path: Path) -> dict[str, int]:
     """File offset of each member's CRC-32 field in the central directory."""
-    data = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        position, count = archive.start_dir, len(archive.infolist())
     offsets = {}
-    position = data.find(b"PK\x01\x02")
-    while position != -1 and data[position : position + 4] == b"PK\x01\x02":
-        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, position + 28)
-        name = data[position + 46 : position + 46 + name_length].decode("utf-8")
-        offsets[name] = position + 16
-        position += 46 + name_length + extra_length + comment_length
+    with open(path, "rb") as handle:
+        for _ in range(count):
+            handle.seek(position)
+            header = handle.read(46)
+            if header[:4] != b"PK\x01\x02":
+                raise CheckpointError(f"{path}: damaged zip central directory")
+            name_length, extra_length, comment_length = struct.unpack_from("<HHH", header, 28)
+            name = handle.read(name_length).decode("utf-8", errors="surrogateescape")
+            offsets[name] = position + 16
+            position += 46 + name_length + extra_length + comment_length
     return offsets
 
 

@@ -56,7 +56,29 @@ def file_state_dict(kind: str, checkpoint: Any, path: Path) -> dict[str, TorchAr
         return module_state_dict(checkpoint)
     if kind == "sevenn":
         return dict(checkpoint["model_state_dict"])
-    raise CheckpointError(f"{path}: export of {kind!r} checkpoints is not supported")
+    if kind == "nequip-ckpt" and isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        return dict(checkpoint["state_dict"])
+    raise CheckpointError(
+        f"{path}: export of {kind!r} files of this form is not supported (nequip: export from a .ckpt; a "
+        ".nequip.zip package can then be built from it with nequip-package)"
+    )
+
+
+_NEQUIP_PREFIX = "model.sole_model."
+
+
+def _nequip_layout(path: Path, state: dict[str, TorchArray]) -> dict[str, list[str]]:
+    """nequip GraphModel key -> the Lightning checkpoint keys that hold it: the
+    raw weight and, when an EMA module saved them, its EMA copy (which nequip
+    evaluates); the EMA order is the model's `named_parameters()` order."""
+    from weights_convert.nequip import _load_ckpt, _model_from_ckpt
+
+    layout = {key[len(_NEQUIP_PREFIX):]: [key] for key in state if key.startswith(_NEQUIP_PREFIX)}
+    if any(key.startswith("ema.ema_weight_") for key in state):
+        model = _model_from_ckpt(path, _load_ckpt(path))
+        for index, (name, _) in enumerate(model.named_parameters()):
+            layout.setdefault(name, []).append(f"ema.ema_weight_{index}")
+    return layout
 
 
 def _sevenn_layout(path: Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
@@ -101,10 +123,18 @@ def _sevenn_layout(path: Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
 def file_deltas(kind: str, path: Path, deltas: dict[str, dict[int, float]], state: dict[str, TorchArray]) -> list[TensorDelta]:
     """Deltas in the base file's layout, one TensorDelta per changed tensor."""
     layout = _sevenn_layout(path) if kind == "sevenn" and deltas else None
+    nequip_keys = _nequip_layout(path, state) if kind == "nequip-ckpt" and deltas else None
     per_file: dict[str, dict[int, float]] = defaultdict(dict)
     for key, changes in deltas.items():
         positions = np.fromiter(changes.keys(), dtype=np.int64)
         values = np.fromiter(changes.values(), dtype=np.float64)
+        if nequip_keys is not None:
+            if key not in nequip_keys:
+                raise CheckpointError(f"{path}: no checkpoint tensor behind nequip's {key}")
+            for file_key in nequip_keys[key]:
+                for position, value in zip(positions.tolist(), values.tolist()):
+                    per_file[file_key][position] = value
+            continue
         if layout is not None:
             if key not in layout:
                 raise CheckpointError(f"{path}: no file tensor behind sevenn's {key}")

@@ -1,0 +1,44 @@
+"""scripts/bench.py in its CI-sized mode (tiny model, one frame, one repeat), so it cannot rot.
+
+The torch side (SevenNet-0 in sevenn) needs about a minute on this machine
+even for one small frame and is left to the full run (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+
+def _bench(repo_root):
+    spec = importlib.util.spec_from_file_location("bench", repo_root / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_writes_table_and_json(repo_root, tmp_path, capsys):
+    bench = _bench(repo_root)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--no-torch", "--dtypes", "float32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["backend"] == "jax" and result["dtype"] == "float32"
+    assert result["predict_s"]["aspirin (21 at.)"] > 0 and result["train_step_s"] > 0
+    assert result["compile_s"]["train step"] > 0 and result["peak_rss_mib"] > 0
+    # 5 frames of 21 and 13 atoms, batches of 2: two padding budgets, two compilations
+    assert result["compiles_per_epoch"]["compilations"] == 2
+    printed = capsys.readouterr().out
+    assert "train step" in printed and "peak RSS" in printed
+
+
+def test_table_ratios(repo_root):
+    bench = _bench(repo_root)
+    jax_row = {"backend": "jax", "dtype": "float64", "predict_s": {"aspirin (21 at.)": 1.0}, "train_step_s": 2.0,
+               "compile_s": {"train step": 3.0}, "compiles_per_epoch": {"compilations": 2}, "peak_rss_mib": 10.0}
+    torch_row = {"backend": "torch", "dtype": "float64", "predict_s": {"aspirin (21 at.)": 4.0}, "train_step_s": 8.0,
+                 "compiles_per_epoch": {"compilations": 0}, "peak_rss_mib": 20.0}
+    lines = {line.split("  ")[0]: line.split() for line in bench.table([jax_row, torch_row]).splitlines()}
+    assert lines["predict aspirin (21 at.) [s]"][-1] == "0.25"
+    assert lines["train step, batch [s]"][-1] == "0.25"
+    assert lines["peak RSS [MiB]"][-1] == "0.50"

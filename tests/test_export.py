@@ -232,3 +232,43 @@ def test_nequip_export_loads_in_nequip(tmp_path, shared_data):
     export_run(run, patch, delta_only=True)
     apply_delta(base_file, patch, tmp_path / "rebuilt.ckpt")
     assert (tmp_path / "rebuilt.ckpt").read_bytes() == merged.read_bytes()
+
+
+def test_str_run_exports_through_the_cli(tmp_path, shared_data):
+    """convert -> finetune --method str (a few steps) -> export / export --delta-only
+    -> apply-delta, all through the CLI; nequip evaluates the exported file."""
+    from sparse_eqv.cli import main
+    from test_nequip_parity import small_config
+    from torch_ref import nequip_reference
+
+    base_file = nequip_reference.write_checkpoint(tmp_path / "base.ckpt", small_config(), ema=True)
+    import ase.io
+
+    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000")[:6]
+    images = []
+    for frame in frames:
+        atoms = frame.to_atoms()
+        atoms.info.update(energy=frame.energy, stress=frame.stress)
+        atoms.arrays["forces"] = frame.forces
+        images.append(atoms)
+    train, valid = tmp_path / "train.extxyz", tmp_path / "valid.extxyz"
+    ase.io.write(train, images[:4], format="extxyz")
+    ase.io.write(valid, images[4:], format="extxyz")
+    frames = read_frames(valid)
+    model, run = tmp_path / "model", tmp_path / "run"
+    assert main(["convert", str(base_file), "-o", str(model)]) == 0
+    assert main(["finetune", str(model), "--train", str(train), "--valid", str(valid), "--method", "str",
+                 "--epochs", "1", "--batch-size", "2", "--lr", "0.01", "--quiet", "-o", str(run)]) == 0
+    assert main(["export", str(run), "-o", str(tmp_path / "ft.ckpt")]) == 0
+    assert main(["export", str(run), "--delta-only", "-o", str(tmp_path / "ft.delta")]) == 0
+    assert main(["apply-delta", str(base_file), str(tmp_path / "ft.delta"), "-o", str(tmp_path / "re.ckpt")]) == 0
+    assert (tmp_path / "re.ckpt").read_bytes() == (tmp_path / "ft.ckpt").read_bytes()
+    header, deltas = read_patch(tmp_path / "ft.delta")
+    assert header["method"] == "str" and sum(d.indices.size for d in deltas) > 0
+
+    config, variables = load_model(run / "model")
+    ours = Predictor(config, variables).predict(frames)
+    theirs = nequip_reference.predict(str(tmp_path / "ft.ckpt"), [f.to_atoms() for f in frames])
+    for frame, a, b in zip(frames, ours, theirs):
+        assert abs(a["energy"] - b["energy"]) / frame.num_atoms <= 1e-8
+        assert np.abs(a["forces"] - b["forces"]).max() <= 1e-7

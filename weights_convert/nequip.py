@@ -47,7 +47,7 @@ _PAIR_POTENTIALS = {"nequip.nn.pair_potential.ZBL", "nequip.nn.ZBL"}
 _TRUST_MESSAGE = (
     "is a nequip-package archive (torch.package): loading it unpickles the model and imports the Python "
     "code stored inside the archive, which runs with your user's rights. Convert it with trust=True "
-    "(CLI: --trust) only if you trust whoever made the file, or convert the training checkpoint (.ckpt) instead, "
+    "(CLI: --trust-checkpoint) only if you trust whoever made the file, or convert the training checkpoint (.ckpt) instead, "
     "which is read weights-only."
 )
 

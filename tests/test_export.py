@@ -168,6 +168,8 @@ def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, 
     base_dir = tmp_path / "base"
     save_model(base_dir, config, variables)
     config, variables = load_model(base_dir)
+    export_run(make_run(tmp_path, base_dir, config, variables), tmp_path / "same.model")
+    assert (tmp_path / "same.model").read_bytes() == base_file.read_bytes()  # round trip, bit for bit
     new = perturbed(config, variables, seed=2)
     new["constants"]["atomic_energies"][:2] += [0.25, -0.5]  # as an E0 fit does
     run = make_run(tmp_path, base_dir, config, new)

@@ -93,3 +93,16 @@ def test_forces_shape_mismatch(shared_data):
     bad = dataclasses.replace(frame, forces=frame.forces[:-1])
     with pytest.raises(DataError, match="forces have shape"):
         frame_to_graph(bad, [29], 4.0)
+
+
+def test_deepmd_force_of_wrong_size(tmp_path, shared_data):
+    source = shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000"
+    system = tmp_path / "system"
+    (system / "set.000").mkdir(parents=True)
+    for name in ("type.raw", "type_map.raw"):
+        (system / name).write_text((source / name).read_text())
+    for name in ("box", "coord", "energy"):
+        np.save(system / "set.000" / f"{name}.npy", np.load(source / "set.000" / f"{name}.npy")[:3])
+    np.save(system / "set.000" / "force.npy", np.load(source / "set.000" / "force.npy")[:3, :-3])
+    with pytest.raises(DataError, match=r"force.npy: shape \(3, 147\) does not fit 50 atoms"):
+        read_frames(system)

@@ -188,6 +188,10 @@ def read_deepmd(path: str | Path) -> list[Frame]:
             if not file.exists():
                 return None
             array = np.load(file).astype(np.float64)
+            if width and array.size != array.shape[0] * width:
+                raise DataError(
+                    f"{file}: shape {array.shape} does not fit {n} atoms ({width} numbers per frame expected)"
+                )
             return array.reshape(array.shape[0], width) if width else array.reshape(-1)
 
         coords = load("coord", 3 * n)

@@ -80,6 +80,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def _runtime_model(cp: dict[str, Any], path: Path):
     """(config, torch model, state dict) as sevenn runs the checkpoint after loading."""
     import sevenn._keys as KEY
+    import torch
     import sevenn.scripts.backward_compatibility as compat
     from sevenn.checkpoint import _config_cp_routine
     from sevenn.model_build import build_E3_equivariant_model
@@ -96,10 +97,18 @@ def _runtime_model(cp: dict[str, Any], path: Path):
     if config.get(KEY.USE_BIAS_IN_LINEAR, False):
         raise UnsupportedModelError(f"{path}: use_bias_in_linear=True is not implemented")
     config[KEY.CUEQUIVARIANCE_CONFIG] = {"use": False}
-    model = build_E3_equivariant_model(config)
-    state = compat.patch_state_dict_if_old(
-        {k: v.clone() for k, v in cp["model_state_dict"].items()}, config, model
-    )
+    # sevenn builds in torch's default dtype and compares its CG blocks with the
+    # checkpoint's float32 ones: build as sevenn does, whatever an earlier
+    # conversion in this process (nequip sets float64) left as the default.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        model = build_E3_equivariant_model(config)
+        state = compat.patch_state_dict_if_old(
+            {k: v.clone() for k, v in cp["model_state_dict"].items()}, config, model
+        )
+    finally:
+        torch.set_default_dtype(default_dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path}: state dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -35,3 +35,4 @@ def mace_python() -> Path:
     if not MACE_PYTHON.exists():
         pytest.skip(f"{MACE_PYTHON} missing: run `make setup`")
     return MACE_PYTHON
+

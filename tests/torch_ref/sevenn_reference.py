@@ -38,8 +38,21 @@ def _cast_hook(module, args):
 def predict(checkpoint: str, atoms_list, dtype: str = "float64", modal: str | None = None) -> list[dict]:
     """energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (ASE sign) per ase.Atoms.
 
-    modal: the fidelity of a multi-fidelity checkpoint (e.g. "PBE").
+    modal: the fidelity of a multi-fidelity checkpoint (e.g. "PBE"). sevenn
+    builds its model in torch's default dtype, which nequip (in the same test
+    process) switches to float64 for good: build under float32, as sevenn expects.
     """
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return _predict(checkpoint, atoms_list, dtype, modal)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _predict(checkpoint: str, atoms_list, dtype: str, modal: str | None) -> list[dict]:
     import torch
 
     if dtype == "float32":
@@ -64,7 +77,8 @@ def predict(checkpoint: str, atoms_list, dtype: str = "float64", modal: str | No
     model.to(torch.float64)
     model.eval()
     for module in model.modules():
-        module.register_forward_pre_hook(_cast_hook)
+        if not isinstance(module, torch.jit.ScriptModule):  # e3nn may script its codegen (process-wide setting)
+            module.register_forward_pre_hook(_cast_hook)
     cutoff = cp.config[KEY.CUTOFF]
     out = []
     for atoms in atoms_list:

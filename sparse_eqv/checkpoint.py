@@ -24,12 +24,27 @@ CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
 
 
+def pytree_checkpointer() -> ocp.Checkpointer:
+    """An orbax PyTree checkpointer private to this process.
+
+    orbax's default one synchronises all processes of a `jax.distributed`
+    job on every save and restore; ours writes only from process 0 and
+    reads anywhere (see `sparse_eqv.distributed`), so it must not wait for
+    the others. Single-process, it is the default checkpointer.
+    """
+    import jax
+
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options), multiprocessing_options=options)
+
+
 def save_model(directory: str | Path, config: dict[str, Any], variables: Any, *, overwrite: bool = False) -> Path:
     """Write a model directory atomically; returns its path."""
     variables = _to_numpy(variables)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
-        ocp.PyTreeCheckpointer().save((tmp / VARIABLES_DIR).absolute(), variables)
+        pytree_checkpointer().save((tmp / VARIABLES_DIR).absolute(), variables)
     return Path(directory)
 
 
@@ -40,7 +55,7 @@ def load_model(directory: str | Path) -> tuple[dict[str, Any], Any]:
     if not config_path.exists():
         raise CheckpointError(f"{directory}: not a model directory (no {CONFIG_FILE}); make one with `sparse-eqv convert`")
     config = json.loads(config_path.read_text())
-    variables = ocp.PyTreeCheckpointer().restore((directory / VARIABLES_DIR).absolute())
+    variables = pytree_checkpointer().restore((directory / VARIABLES_DIR).absolute())
     return config, variables
 
 

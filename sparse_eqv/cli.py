@@ -25,6 +25,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     config, variables = convert(
         args.checkpoint, dtype=args.dtype, head=args.head, trust=args.trust_checkpoint
     )
+    if args.magmom_head is not None:
+        config, variables = _attach_magmom_head(config, variables, args.magmom_head)
     save_model(args.output, config, variables, overwrite=args.overwrite)
     n_params = sum(int(getattr(x, "size", 1)) for x in _leaves(variables.get("params", {})))
     print(
@@ -32,6 +34,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
         f"({n_params} parameters, {len(config['atomic_numbers'])} elements, r_max {config['r_max']} Å, "
         f"{config['dtype']}, {time.perf_counter() - started:.1f} s)"
     )
+
+
+def _attach_magmom_head(config, variables, path: Path):
+    from sparse_eqv.errors import CheckpointError
+    from sparse_eqv.models.magmom import attach_head
+    from weights_convert.magmom_head import read_head
+
+    head = read_head(path)
+    if head is None:
+        raise CheckpointError(f"{path}: holds no magnetic-moment head")
+    print(f"attached the {head[0]['kind']} magnetic-moment head from {path}")
+    return attach_head(config, variables, *head)
 
 
 def _leaves(tree):
@@ -63,6 +77,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         atoms.arrays["forces"] = result["forces"]
         if "stress" in result:
             atoms.info["stress"] = result["stress"]
+        if "magmoms" in result:
+            atoms.arrays["magmoms"] = result["magmoms"]
         images.append(atoms)
     with atomic_file(args.output) as tmp:
         ase.io.write(tmp, images, format="extxyz")
@@ -87,12 +103,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         threshold_decay=args.threshold_decay, dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         schedule=args.schedule, patience=args.patience, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every,
-        weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta),
+        weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta,
+                            magmoms=args.magmom_weight),
     )
     result = finetune(
         args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
         test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
-        n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet,
+        n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet, magmom=args.magmom,
     )
     valid, spars = result["valid"], result["sparsity"]
     layer = f", layer sparsity {spars['layer_sparsity']:.1%}" if "layer_sparsity" in spars else ""
@@ -102,6 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         f"{spars['total_sparsity']:.1%}, {result['s_per_epoch']:.1f} s/epoch, "
         f"{sum(result['compiles'].values())} compilation(s) -> {args.output}"
     )
+    if valid.get("magmoms_mae") is not None:
+        print(f"magnetic moments: valid MAE {valid['magmoms_mae']:.4f} μB")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -122,6 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                 f"F MAE {_fmt(m['forces_mae'])} RMSE {_fmt(m['forces_rmse'])} meV/Å | "
                 f"S MAE {_fmt(m['stress_mae'])} RMSE {_fmt(m['stress_rmse'])} meV/Å^3 ({m['n_frames']} frames)"
             )
+    if result["raw"].get("magmoms_mae") is not None:
+        m = result["raw"]
+        print(f"magmom  MAE {m['magmoms_mae']:.4f} RMSE {m['magmoms_rmse']:.4f} μB")
     if args.json is not None:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=1))
@@ -132,13 +154,16 @@ def _fmt(value) -> str:
 
 
 def _read_options(args: argparse.Namespace) -> dict[str, str]:
-    return {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key}
+    return {"energy_key": args.energy_key, "forces_key": args.forces_key, "stress_key": args.stress_key,
+            "magmoms_key": args.magmoms_key}
 
 
 def _add_label_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-key", default="energy", help="extxyz info key of the energy label")
     p.add_argument("--forces-key", default="forces", help="extxyz array key of the forces label")
     p.add_argument("--stress-key", default="stress", help="extxyz info key of the stress label")
+    p.add_argument("--magmoms-key", default="magmoms",
+                   help="extxyz per-atom array of magnetic moments, μB (e.g. initial_magmoms)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -150,6 +175,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         f"wrote {what} {summary['output']}: {summary['nnz']} changed numbers in {summary['tensors']} tensors, "
         f"{summary['bytes']:,} bytes (base checkpoint {summary['base_bytes']:,} bytes)"
     )
+    if summary["magmom_head"] is not None:
+        print(f"the magnetic-moment head is in {summary['magmom_head']} (torch checkpoints have none; "
+              f"`sparse-eqv convert CHECKPOINT --magmom-head {summary['magmom_head']}` reattaches it)")
 
 
 def cmd_apply_delta(args: argparse.Namespace) -> None:
@@ -157,6 +185,9 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
 
     summary = apply_delta(args.base, args.patch, args.output, overwrite=args.overwrite)
     print(f"wrote {summary['output']}: {summary['nnz']} numbers changed in {summary['tensors']} tensors")
+    if summary["magmom_head"] is not None:
+        print(f"the patch's magnetic-moment head is not in the torch checkpoint; reattach it with "
+              f"`sparse-eqv convert {summary['output']} --magmom-head {summary['magmom_head']}`")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -179,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept globals outside the allowlist (pickles can run code; see README, 'Security')",
     )
+    p.add_argument("--magmom-head", type=Path, default=None,
+                   help="attach the magnetic-moment head of an exported patch or OUTPUT.magmom file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_convert)
 
@@ -223,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forces-weight", type=float, default=100.0)
     p.add_argument("--stress-weight", type=float, default=1.0)
     p.add_argument("--huber-delta", type=float, default=None, help="Huber loss with this delta instead of squares")
+    p.add_argument("--magmom", choices=("scalar", "vector"), default=None,
+                   help="also train a per-atom magnetic-moment head (dense) on the data's moments: scalar |m| "
+                        "(invariant) or vector m (equivariant); DeePMD spin.npy, extxyz --magmoms-key")
+    p.add_argument("--magmom-weight", type=float, default=1.0, help="loss weight of the moments (per μB^2)")
     p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
                    help="fit per-element reference energies on the training set first, or keep the model's")
     p.add_argument("--seed", type=int, default=0)

@@ -39,7 +39,8 @@ def frame_batches(frames: Sequence[Frame], max_atoms: int) -> Iterator[list[int]
 
 
 class Predictor:
-    """A converted (or fine-tuned) model ready to predict energies, forces, stress.
+    """A converted (or fine-tuned) model ready to predict energies, forces, stress
+    (and magnetic moments, when the config has a "magmom" head).
 
     Attributes:
         config: the model directory's config.
@@ -73,7 +74,8 @@ class Predictor:
         return jax.tree.map(np.asarray, out)
 
     def predict(self, frames: Sequence[Frame], max_atoms: int = 1024, progress: Iterable | None = None) -> list[dict[str, np.ndarray]]:
-        """Per-frame dicts: energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (periodic only)."""
+        """Per-frame dicts: energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (periodic only),
+        magmoms (N,) or (N, 3) μB (models with a moment head)."""
         results: list[dict[str, np.ndarray]] = []
         for indices in frame_batches(frames, max_atoms):
             graphs = [self.graph(frames[i]) for i in indices]
@@ -84,6 +86,8 @@ class Predictor:
                 result = {"energy": float(out["energy"][g]), "forces": out["forces"][offset : offset + n]}
                 if frames[i].periodic:
                     result["stress"] = out["stress"][g]
+                if "magmoms" in out:  # a model with a magnetic-moment head
+                    result["magmoms"] = out["magmoms"][offset : offset + n]
                 results.append(result)
                 offset += n
             if progress is not None:

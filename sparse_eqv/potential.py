@@ -59,12 +59,16 @@ def energy_forces_stress(
 
     Args:
         apply_fn: `module.apply`, called as apply_fn(variables, vectors,
-            species, senders, receivers) -> (N,) node energies in eV.
+            species, senders, receivers) -> (N,) node energies in eV, or
+            -> ((N,) node energies, {name: per-node array}) for a model with
+            extra per-node outputs computed in the same forward pass (e.g.
+            `sparse_eqv.models.magmom`); those are not differentiated here.
         variables: the model's variables ({"params": ..., "constants": ...}).
         graph: padded batch. Stress is zero for non-periodic graphs (V = 0).
 
     Returns:
-        dict with "energy", "forces", "stress", "node_energies".
+        dict with "energy", "forces", "stress", "node_energies", and the
+        model's extra per-node outputs by name.
     """
     positions = graph.nodes["positions"]
     n_graph = graph.n_node.shape[0]
@@ -73,16 +77,17 @@ def energy_forces_stress(
 
     def total_energy(positions, strain):
         vectors = edge_vectors(positions, strain, graph)
-        node_energies = apply_fn(variables, vectors, graph.nodes["species"], graph.senders, graph.receivers)
+        out = apply_fn(variables, vectors, graph.nodes["species"], graph.senders, graph.receivers)
+        node_energies, node_outputs = out if isinstance(out, tuple) else (out, {})
         node_energies = jnp.where(jraph.get_node_padding_mask(graph), node_energies, 0.0)
         graph_energies = jax.ops.segment_sum(node_energies, node_graph, n_graph)
-        return graph_energies.sum(), (graph_energies, node_energies)
+        return graph_energies.sum(), (graph_energies, node_energies, node_outputs)
 
     strain = jnp.zeros((n_graph, 3, 3), dtype=positions.dtype)
-    (_, (energy, node_energies)), (d_positions, d_strain) = jax.value_and_grad(
+    (_, (energy, node_energies, node_outputs)), (d_positions, d_strain) = jax.value_and_grad(
         total_energy, argnums=(0, 1), has_aux=True
     )(positions, strain)
     volume = jnp.abs(jnp.linalg.det(graph.globals["cell"].astype(positions.dtype)))
     safe_volume = jnp.where(volume > 0, volume, 1.0)
     stress = jnp.where((volume > 0)[:, None, None], d_strain / safe_volume[:, None, None], 0.0)
-    return {"energy": energy, "forces": -d_positions, "stress": stress, "node_energies": node_energies}
+    return {"energy": energy, "forces": -d_positions, "stress": stress, "node_energies": node_energies, **node_outputs}

@@ -11,11 +11,18 @@ storages holding changed tensors are rewritten inside a byte-exact copy of
 the base archive (`zip_patch`), or the deltas are written as a sparse patch
 (`delta_patch`). Nothing of the base model's package or e3nn version is
 needed for MACE; SevenNet's layout translation uses sevenn's own code.
+
+A magnetic-moment head (config["magmom"]) has no place in the torch
+packages' models: a merged checkpoint holds the backbone only and the head
+is written beside it (OUTPUT.magmom); a patch carries the head inside
+(`magmom_head`). `sparse-eqv convert CHECKPOINT --magmom-head FILE` puts
+the two back together.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,7 @@ import numpy as np
 from sparse_eqv.atomic_write import atomic_file
 from sparse_eqv.errors import CheckpointError
 from weights_convert.delta_patch import PatchError, TensorDelta, read_patch, sha256_of, write_patch
+from weights_convert.magmom_head import SIDE_SUFFIX, add_head, read_head, write_head_file
 from weights_convert.torch_pickle import TorchArray, load_checkpoint, module_state_dict
 from weights_convert.zip_patch import patch_members
 
@@ -212,13 +220,15 @@ def base_checkpoint(config: dict[str, Any]) -> Path:
 
 def export_run(run_dir: str | Path, output: str | Path, *, delta_only: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Write the run's fine-tuned model as a checkpoint of its base's format,
-    or (delta_only) as a sparse patch. Returns a summary (sizes, nnz)."""
+    or (delta_only) as a sparse patch. Returns a summary (sizes, nnz, and
+    where a moment head went: "magmom_head", the patch or the side file)."""
     run_dir, output = Path(run_dir), Path(output)
     config, base_vars, new_vars, info = _run_models(run_dir)
     path = base_checkpoint(config)
     kind = config["source"]["kind"]
     state = file_state_dict(kind, load_checkpoint(path), path)
     deltas = file_deltas(kind, path, converter_deltas(config, base_vars, new_vars), state)
+    head = (config["magmom"], new_vars["params"]["magmom_head"]) if "magmom" in config else None
     if delta_only:
         header = {
             "base_file": path.name,
@@ -227,21 +237,34 @@ def export_run(run_dir: str | Path, output: str | Path, *, delta_only: bool = Fa
             "method": info.get("method"),
             "thresholds": info.get("threshold_decay"),
         }
+        if head is not None:
+            header["magmom"] = head[0]
         with atomic_file(output, overwrite=overwrite) as tmp:
             write_patch(tmp, deltas, header)
+            if head is not None:
+                with zipfile.ZipFile(tmp, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+                    add_head(archive, *head)
+        head_file = output
     else:
         write_merged(path, output, state, deltas, overwrite=overwrite)
+        head_file = output.with_name(output.name + SIDE_SUFFIX)
+        if head is not None:
+            with atomic_file(head_file, overwrite=True) as tmp:
+                write_head_file(tmp, *head)
     return {
         "output": str(output),
         "bytes": output.stat().st_size,
         "base_bytes": path.stat().st_size,
         "tensors": len(deltas),
         "nnz": int(sum(d.indices.size for d in deltas)),
+        "magmom_head": None if head is None else str(head_file),
     }
 
 
 def apply_delta(base: str | Path, patch: str | Path, output: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Rebuild the merged checkpoint from a base checkpoint and a patch."""
+    """Rebuild the merged checkpoint from a base checkpoint and a patch. A
+    moment head in the patch is not written into the torch checkpoint (the
+    summary's "magmom_head" names the patch, which `convert --magmom-head` reads)."""
     base, patch, output = Path(base), Path(patch), Path(output)
     header, deltas = read_patch(patch)
     if not base.is_file():
@@ -259,4 +282,5 @@ def apply_delta(base: str | Path, patch: str | Path, output: str | Path, *, over
         if tuple(state[delta.key].shape) != delta.shape:
             raise PatchError(f"{patch}: tensor {delta.key} has shape {delta.shape}, {base} has {state[delta.key].shape}")
     write_merged(base, output, state, deltas, overwrite=overwrite)
-    return {"output": str(output), "tensors": len(deltas), "nnz": int(sum(d.indices.size for d in deltas))}
+    return {"output": str(output), "tensors": len(deltas), "nnz": int(sum(d.indices.size for d in deltas)),
+            "magmom_head": str(patch) if read_head(patch) is not None else None}

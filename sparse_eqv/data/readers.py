@@ -1,9 +1,10 @@
 """Readers: every supported file format -> list of `Frame` in eV, Å, eV/Å, eV/Å^3.
 
 Formats:
-    extxyz / xyz       ase; energy/forces/stress key names configurable
+    extxyz / xyz       ase; energy/forces/stress/magmoms key names configurable
     .npz (rMD17)       nuclear_charges, coords (Å), energies (kcal/mol), forces (kcal/mol/Å)
     DeePMD directory   type.raw, type_map.raw, set.*/{box,coord,energy,force[,virial][,spin]}.npy
+                       (spin.npy: (frames, 3 N) per-atom moment vectors, μB, as deepmd-kit's spin data)
     mlearn .json       records of pymatgen structure + outputs.{energy, forces, virial_stress (kbar)}
 """
 
@@ -31,12 +32,15 @@ def read_frames(
     forces_key: str = "forces",
     stress_key: str = "stress",
     require_energy: bool = False,
+    magmoms_key: str = "magmoms",
 ) -> list[Frame]:
     """Read every frame of `path`, choosing the reader by its form.
 
     Args:
         path: extxyz/xyz file, rMD17 .npz, DeePMD directory, or mlearn .json.
-        energy_key, forces_key, stress_key: extxyz label names.
+        energy_key, forces_key, stress_key, magmoms_key: extxyz label names
+            (magnetic moments: a per-atom array, (N,) or (N, 3) μB, e.g.
+            "magmoms" or "initial_magmoms").
         require_energy: raise DataError when a frame has no energy label.
     """
     path = Path(path)
@@ -50,7 +54,8 @@ def read_frames(
         frames = read_mlearn_json(path)
     else:
         frames = read_extxyz(
-            path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, require_energy=require_energy
+            path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, require_energy=require_energy,
+            magmoms_key=magmoms_key,
         )
     if not frames:
         raise DataError(f"{path}: contains no frames")
@@ -77,6 +82,13 @@ def _validate(frame: Frame, require_energy: bool) -> None:
             raise DataError(f"{frame.source}: forces contain NaN or inf")
     if frame.stress is not None and not np.all(np.isfinite(frame.stress)):
         raise DataError(f"{frame.source}: stress contains NaN or inf")
+    if frame.magmoms is not None:
+        if np.shape(frame.magmoms) not in ((n,), (n, 3)):
+            raise DataError(
+                f"{frame.source}: magnetic moments have shape {np.shape(frame.magmoms)}, expected ({n},) or ({n}, 3)"
+            )
+        if not np.all(np.isfinite(frame.magmoms)):
+            raise DataError(f"{frame.source}: magnetic moments contain NaN or inf")
 
 
 def _stress_3x3(value, source: str) -> np.ndarray:
@@ -96,8 +108,10 @@ def read_extxyz(
     forces_key: str = "forces",
     stress_key: str = "stress",
     require_energy: bool = False,
+    magmoms_key: str = "magmoms",
 ) -> list[Frame]:
-    """Frames of an extended-XYZ file; labels read from info/arrays by key name.
+    """Frames of an extended-XYZ file; labels read from info/arrays by key name
+    (per-atom moments: the array `magmoms_key`, or ase's calculator result).
 
     With `require_energy`, a frame without `energy_key` raises a DataError
     that lists the scalar keys the frame does have.
@@ -133,11 +147,15 @@ def read_extxyz(
                 energy=None if energy is None else float(energy),
                 forces=None if forces is None else np.asarray(forces, dtype=np.float64),
                 stress=None if stress is None else _stress_3x3(stress, source),
-                magmoms=arrays.get("magmoms"),
+                magmoms=_magmoms(arrays.get(magmoms_key, info.get(magmoms_key))),
                 source=source,
             )
         )
     return frames
+
+
+def _magmoms(value) -> np.ndarray | None:
+    return None if value is None else np.asarray(value, dtype=np.float64)
 
 
 def read_rmd17(path: str | Path) -> list[Frame]:

@@ -368,6 +368,8 @@ class Trainer:
                         "forces": pred["forces"][d, offset : offset + n],
                         "stress": pred["stress"][d, g],
                     }
+                    if "magmoms" in pred:  # a model with a magnetic-moment head
+                        out[i]["magmoms"] = pred["magmoms"][d, offset : offset + n]
                     offset += n
         loss = float(total_loss({k: jnp.asarray(v) for k, v in total.items()}, self.config.weights))
         return out, loss

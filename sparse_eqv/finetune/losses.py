@@ -3,14 +3,17 @@
 Loss (MACE's weighted loss, with optional Huber in place of the square):
 
     L = w_E <((E - E_ref) / N)^2>_graphs + w_F <(F - F_ref)^2>_components
-        + w_S <(S - S_ref)^2>_components
+        + w_S <(S - S_ref)^2>_components [+ w_M <(m - m_ref)^2>_components]
+
+The moment term (μB) exists when the model has a magnetic-moment head and
+the graphs carry moment labels (`sparse_eqv.finetune.magmom`).
 
 Averages run over the graphs / atoms that carry the label. Every function
 here returns sums and counts over one padded batch, so that a batch split
 over devices adds up to exactly the loss of the whole batch.
 
 Units: energies eV, forces eV/Å, stress eV/Å^3; metrics (computed on the host
-from per-frame predictions) in meV/atom, meV/Å, meV/Å^3.
+from per-frame predictions) in meV/atom, meV/Å, meV/Å^3; moments in μB.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class LossWeights:
     forces: float = 100.0
     stress: float = 1.0
     huber_delta: float | None = None
+    magmoms: float = 1.0  # used only with a magnetic-moment head
 
 
 def _errors(pred: dict[str, jax.Array], graph: jraph.GraphsTuple) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -49,11 +53,16 @@ def _errors(pred: dict[str, jax.Array], graph: jraph.GraphsTuple) -> dict[str, t
     energy_mask = graph_mask * (g["energy_weight"] > 0)
     forces_mask = node_mask * (g["forces_weight"][node_graph] > 0)
     stress_mask = graph_mask * (g["stress_weight"] > 0)
-    return {
+    out = {
         "energy": ((pred["energy"] - g["energy"]) / n_atoms, energy_mask),
         "forces": (pred["forces"] - graph.nodes["forces"], jnp.broadcast_to(forces_mask[:, None], (n_node, 3))),
         "stress": (pred["stress"] - g["stress"], jnp.broadcast_to(stress_mask[:, None, None], (n_graph, 3, 3))),
     }
+    if "magmoms" in pred and "magmoms" in graph.nodes:
+        error = pred["magmoms"] - graph.nodes["magmoms"]
+        mask = node_mask * (g["magmoms_weight"][node_graph] > 0)
+        out["magmoms"] = (error, jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (error.ndim - 1)), error.shape))
+    return out
 
 
 def loss_sums(pred: dict[str, jax.Array], graph: jraph.GraphsTuple, weights: LossWeights) -> dict[str, jax.Array]:
@@ -79,9 +88,9 @@ def _huber(x: jax.Array, delta: float) -> jax.Array:
 def total_loss(sums: dict[str, jax.Array], weights: LossWeights) -> jax.Array:
     """Weighted mean loss from (possibly device-summed) sums and counts."""
     loss = 0.0
-    for term in TERMS:
+    for term in TERMS + ("magmoms",):
         w = getattr(weights, term)
-        if w:
+        if w and term in sums:
             loss = loss + w * sums[term] / jnp.maximum(sums[term + "_count"], 1.0)
     return loss
 
@@ -99,7 +108,8 @@ def error_metrics(
 
     Returns:
         energy_mae / energy_rmse in meV/atom, forces_* in meV/Å, stress_* in
-        meV/Å^3, n_frames; None where no frame carries the label.
+        meV/Å^3, n_frames; None where no frame carries the label; with
+        predicted moments also magmoms_mae / magmoms_rmse in μB.
     """
     errors: dict[str, list[np.ndarray]] = {term: [] for term in TERMS}
     for g, (frame, pred) in enumerate(zip(frames, predictions)):
@@ -115,4 +125,8 @@ def error_metrics(
         e = np.concatenate(errors[term]) if errors[term] else None
         out[f"{term}_mae"] = None if e is None else 1e3 * float(np.mean(np.abs(e)))
         out[f"{term}_rmse"] = None if e is None else 1e3 * float(np.sqrt(np.mean(e**2)))
+    if any("magmoms" in p for p in predictions):
+        from sparse_eqv.finetune.magmom import magmom_metrics
+
+        out.update(magmom_metrics(frames, predictions))  # μB
     return out

@@ -10,6 +10,8 @@ Run directory:
                                 the best epoch's effective params merged into the
                                 base and the E0-shifted constants: `predict`,
                                 `evaluate`, `export` read it like a converted model
+                                (with --magmom: config "magmom" and the moment
+                                head's params, params/magmom_head)
     RUN_DIR/delta/              STR only: the thresholded delta of the targeted
                                 leaves (orbax), the sparse patch export applies
     RUN_DIR/sparsity.json       best epoch: layer / total sparsity, per-layer and
@@ -47,6 +49,7 @@ from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import DataError, SparseEqvError
 from sparse_eqv.finetune import e0s as e0s_lib
+from sparse_eqv.finetune import magmom as magmom_lib
 from sparse_eqv.finetune.dense import Full
 from sparse_eqv.finetune.lora import ELoRA
 from sparse_eqv.finetune.loop import Trainer, TrainConfig, TrainState, make_graphs, save_state
@@ -56,7 +59,8 @@ from sparse_eqv.models import build_model
 
 METHODS = ("str", "full", "elora", "scratch")
 # Options that must agree between a run and its --resume.
-_RESUME_KEYS = ("method", "targets", "per_path", "seed", "batch_size", "lr", "threshold_decay", "e0s", "data", "model")
+_RESUME_KEYS = ("method", "targets", "per_path", "seed", "batch_size", "lr", "threshold_decay", "e0s", "data", "model",
+                "magmom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +149,7 @@ def finetune(
     read_options: dict[str, str] | None = None,
     progress: bool = True,
     on_checkpoint=None,
+    magmom: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_dir` and write `run_dir`; returns metrics.json's content.
 
@@ -152,6 +157,8 @@ def finetune(
         e0s: "fit" (least-squares E0 shift on the training set) or "keep".
         resume: continue the run in `run_dir` from its last checkpoint.
         on_checkpoint: called with (state, kind) after each checkpoint is written.
+        magmom: "scalar" or "vector": train a magnetic-moment head densely
+            on the frames' moments (`sparse_eqv.finetune.magmom`).
     """
     started = time.perf_counter()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
@@ -176,6 +183,12 @@ def finetune(
     train_graphs = make_graphs(train_frames, numbers, cutoff)
     valid_graphs = make_graphs(valid_frames, numbers, cutoff)
     test_graphs = make_graphs(test_frames, numbers, cutoff) if test_frames else []
+    if magmom is not None:
+        magmom_lib.require_labels(train_frames, train)
+        train_graphs, valid_graphs, test_graphs = (
+            magmom_lib.label_graphs(g, f, magmom)
+            for g, f in ((train_graphs, train_frames), (valid_graphs, valid_frames), (test_graphs, test_frames))
+        )
 
     module = build_model(model_config)
     base_params = variables["params"]
@@ -183,13 +196,19 @@ def finetune(
         base_params = _cast(fresh_params(module, train_graphs[0], config.seed), dtype)
         if jax.tree.structure(base_params) != jax.tree.structure(variables["params"]):
             raise SparseEqvError(f"{model_dir}: a fresh initialisation does not reproduce the model's parameter tree")
+    start_params = base_params
+    if magmom is not None:
+        model_config, module, base_params, head_params = magmom_lib.prepare(model_config, base_params, magmom,
+                                                                             config.seed, dtype)
+        start_params = {**base_params, magmom_lib.HEAD_KEY: head_params}
     fine_method = make_method(method, base_params, model_config)
-    trainer = Trainer(module, variables["constants"], fine_method, base_params, config, n_devices=n_devices,
+    trained_method = fine_method if magmom is None else magmom_lib.WithMagmomHead(fine_method, head_params)
+    trainer = Trainer(module, variables["constants"], trained_method, base_params, config, n_devices=n_devices,
                       dtype=jnp.dtype(dtype))
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":
-        predictions, _ = trainer.predict(base_params, train_graphs, train_frames)
+        predictions, _ = trainer.predict(start_params, train_graphs, train_frames)
         e0_shift = e0s_lib.fit_e0_shift(train_frames, [p["energy"] for p in predictions], numbers)
         variables = e0s_lib.shift_e0s(model_config, variables, e0_shift)
         trainer.set_constants(variables["constants"])
@@ -213,6 +232,7 @@ def finetune(
         "n_frames": {"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
         "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(config)},
         "n_devices": trainer.n_devices,
+        "magmom": model_config.get("magmom") if magmom is not None else None,
     }
     if resume:
         previous = json.loads((run_dir / "run.json").read_text())
@@ -266,8 +286,8 @@ def finetune(
 def write_best(run_dir: Path, model_config, constants, base_params, method, tree, params) -> None:
     """Write model/, sparsity.json and (STR) delta/ for the best epoch's tree."""
     delta = sparsity.prune(method, tree) if isinstance(method, STR) else None
-    if delta is not None:
-        params = sparsity.merge(base_params, delta)
+    if delta is not None:  # (params may hold a moment head beside the backbone: kept)
+        params = {**params, **sparsity.merge(base_params, delta)}
     params = jax.tree.map(np.asarray, params)
     report = {"summary": {**sparsity.summary(base_params, params, delta), "method": method.name}}
     if delta is not None:

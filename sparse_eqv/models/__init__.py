@@ -16,8 +16,19 @@ import flax.linen as nn
 from sparse_eqv.errors import UnsupportedModelError
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """The Flax module a converted model's config.json describes."""
+def build_model(config: dict[str, Any]):
+    """The model a config.json describes: the Flax module, or, when the config
+    has a "magmom" entry, a `sparse_eqv.models.magmom.MagmomModel` (backbone
+    + magnetic-moment head, applied the same way)."""
+    if "magmom" in config:
+        from sparse_eqv.models.magmom import MagmomModel
+
+        return MagmomModel.from_config(config)
+    return build_backbone(config)
+
+
+def build_backbone(config: dict[str, Any]) -> nn.Module:
+    """The Flax energy module a converted model's config.json describes."""
     kind = config.get("model")
     if kind == "mace":
         from sparse_eqv.models.mace import MACE

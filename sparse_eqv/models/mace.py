@@ -435,6 +435,7 @@ class MACE(nn.Module):
     head: str
     product_num_params: tuple[tuple[tuple[int, ...], ...], ...]
     dtype: str = "float64"
+    return_features: bool = False  # also return each layer's features: (node_energies, (N, dim) per layer)
 
     CONFIG_KEYS = (
         "mace_class", "atomic_numbers", "r_max", "num_bessel", "num_polynomial_cutoff", "max_ell",
@@ -459,6 +460,10 @@ class MACE(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         """The attributes as the config dict `from_config` reads."""
         return {k: getattr(self, k) for k in self.CONFIG_KEYS}
+
+    def feature_irreps(self) -> tuple[str, ...]:
+        """Irreps of each layer's output features (the product blocks' outputs)."""
+        return tuple(layer.hidden_out for layer in mace_structure(self.config_dict())[0])
 
     @nn.compact
     def __call__(self, vectors: jax.Array, species: jax.Array, senders: jax.Array, receivers: jax.Array) -> jax.Array:
@@ -520,8 +525,12 @@ class MACE(nn.Module):
             scale_shift = self.variable(
                 "constants", "scale_shift", lambda: {"scale": jnp.ones((), dtype), "shift": jnp.zeros((), dtype)}
             ).value
-            return node_e0 + (scale_shift["scale"] * interaction_energy + scale_shift["shift"])
-        return node_e0 + interaction_energy
+            node_energies = node_e0 + (scale_shift["scale"] * interaction_energy + scale_shift["shift"])
+        else:
+            node_energies = node_e0 + interaction_energy
+        if self.return_features:
+            return node_energies, tuple(f.array for f in features)
+        return node_energies
 
     def _pair_repulsion(self, lengths, z_u, z_v, receivers, n_nodes, dtype):
         """ZBL node energies (N,) eV (mace `ZBLBasis`), summed onto receivers."""

@@ -485,6 +485,10 @@ class NequIP(nn.Module):
             (constants "modality"), appended to the inputs of the linears its
             layers name and, with modal_readout, of the first readout linear.
         zbl_p: polynomial cutoff exponent of a nequip ZBL term, or None.
+        return_features: also return each layer's output features (a tuple
+            of (N, dim) arrays laid out as `feature_irreps()` says), as
+            (node_energies, features); off by default (heads such as
+            `sparse_eqv.models.magmom` read them).
     """
 
     num_types: int
@@ -501,6 +505,11 @@ class NequIP(nn.Module):
     zbl_p: float | None = None
     num_modalities: int = 0
     modal_readout: bool = False
+    return_features: bool = False
+
+    def feature_irreps(self) -> tuple[str, ...]:
+        """Irreps of each layer's output features (what `return_features` returns)."""
+        return tuple(layer_output_irreps(spec) for spec in self.layers)
 
     @nn.compact
     def __call__(self, vectors, species, senders, receivers):
@@ -532,10 +541,12 @@ class NequIP(nn.Module):
             modality = self.variable(
                 "constants", "modality", lambda: jnp.eye(self.num_modalities, dtype=dtype)[0]
             ).value
+        features = []
         for t, spec in enumerate(self.layers):
             x = Interaction(spec, self.irreps_sh, self.num_types, name=f"layer_{t}")(
                 x, node_attrs, species, sh, radial_basis, senders, receivers, modality
             )
+            features.append(x)
         if self.readout.kind == "linear":
             dims = self.readout.dims
             for k in range(len(dims) - 1):
@@ -554,6 +565,8 @@ class NequIP(nn.Module):
             z_i, z_j = z[species[receivers]], z[species[senders]]
             pair = _zbl_edge_energy(z_i, z_j, r) * _polynomial_cutoff(r / self.r_max, self.zbl_p) * (r < self.r_max)
             energy = energy + jax.ops.segment_sum(pair, receivers, num_segments=x.shape[0])
+        if self.return_features:
+            return energy, tuple(features)
         return energy
 
     @staticmethod

@@ -190,6 +190,17 @@ def cmd_apply_delta(args: argparse.Namespace) -> None:
               f"`sparse-eqv convert {summary['output']} --magmom-head {summary['magmom_head']}`")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from sparse_eqv.report import write_report
+
+    output = args.output if args.output is not None else args.run / "report"
+    figures = write_report(args.run, output)
+    print((output / "report.txt").read_text(), end="")
+    print(f"\nwrote {output / 'report.json'}, {output / 'report.txt'}")
+    for figure in figures:
+        print(f"figure: {figure}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from sparse_eqv.demo.run import run_demo
 
@@ -294,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_apply_delta)
+
+    p = sub.add_parser("report", help="sparsity of a run's deltas per layer, e3nn path, output l and element (tables, PNGs)")
+    p.add_argument("run", type=Path, help="run directory (from finetune)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="directory for report.json/.txt and PNGs (default RUN/report)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="convert SevenNet-0, fine-tune with STR on EMT Cu/Ni data, export, report")
     p.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="where everything is written")

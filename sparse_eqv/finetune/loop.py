@@ -217,14 +217,7 @@ class Trainer:
         rng = jax.random.PRNGKey(train_config.seed)
         tree = self._cast(method.init(base_params, rng))
         self.labels = method.labels(tree)
-        self.optimizer = make_optimizer(
-            self.labels,
-            lr=train_config.lr,
-            threshold_decay=train_config.threshold_decay,
-            score_lr=train_config.score_lr,
-            dense_weight_decay=train_config.dense_weight_decay,
-            clip_norm=train_config.clip_norm,
-        )
+        self.optimizer = self.optimizer_with(train_config.threshold_decay)
         self.initial_tree = jax.tree.map(np.asarray, tree)  # host copy: the step donates device buffers
         self.total_steps: int | None = None
         self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
@@ -232,6 +225,20 @@ class Trainer:
         self._effective = jax.jit(method.effective)
 
     # -- state -------------------------------------------------------------
+
+    def optimizer_with(self, threshold_decay) -> optax.GradientTransformation:
+        """The run's optimiser with this lambda_tau. The step passes it as an
+        argument, so runs that differ only in lambda_tau compile alike (and
+        share a persistent compilation cache); `variants` vmaps over it."""
+        c = self.config
+        return make_optimizer(
+            self.labels,
+            lr=c.lr,
+            threshold_decay=threshold_decay,
+            score_lr=c.score_lr,
+            dense_weight_decay=c.dense_weight_decay,
+            clip_norm=c.clip_norm,
+        )
 
     def _cast(self, tree):
         return jax.tree.map(lambda x: jnp.asarray(x, self.dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x, tree)
@@ -267,6 +274,12 @@ class Trainer:
             the stacked batch (leading axis: device) placed on the mesh, and
             the frame indices of each shard (real graphs come first).
         """
+        parts, shards = self.shard_parts(graphs, indices)
+        return jax.device_put(self.pad_parts(parts), self.sharded), shards
+
+    def shard_parts(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[list[list[jraph.GraphsTuple]], list[list[int]]]:
+        """The graphs of each device's shard of frames `indices` (filled up to
+        `shard_size()`), and the frame indices of each shard."""
         per = -(-len(indices) // self.n_devices)
         shards = [list(indices[d * per : (d + 1) * per]) for d in range(self.n_devices)]
         size = self.shard_size()
@@ -274,18 +287,23 @@ class Trainer:
         for shard in shards:
             fill = shard or [indices[0]]
             parts.append([graphs[i] for i in shard] + [_masked_copy(graphs[fill[k % len(fill)]]) for k in range(size - len(shard))])
+        return parts, shards
+
+    def pad_parts(self, parts: Sequence[Sequence[jraph.GraphsTuple]]) -> jraph.GraphsTuple:
+        """Pad every shard to one budget (the largest shard's, rounded up) and
+        stack them on a leading axis; host arrays in the run's dtype."""
         n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
         n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
-        budget = GraphBudget.round_up(n_node, n_edge, size)
+        budget = GraphBudget.round_up(n_node, n_edge, self.shard_size())
         self.budgets.add(budget)
         padded = [batch_graphs(p, budget) for p in parts]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
-        stacked = jax.tree.map(lambda x: x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x, stacked)
-        return jax.device_put(stacked, self.sharded), shards
+        return jax.tree.map(lambda x: x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x, stacked)
 
-    def epoch_batches(self, n_frames: int, epoch: int) -> list[list[int]]:
-        """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch))."""
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(n_frames)
+    def epoch_batches(self, n_frames: int, epoch: int, seed: int | None = None) -> list[list[int]]:
+        """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch);
+        seed: the run's unless given)."""
+        order = np.random.default_rng([self.config.seed if seed is None else seed, epoch]).permutation(n_frames)
         b = self.config.batch_size
         return [order[i : i + b].tolist() for i in range(0, n_frames, b)]
 
@@ -304,10 +322,10 @@ class Trainer:
         sums = jax.tree.map(lambda x: x.sum(0), sums)
         return total_loss(sums, self.config.weights)
 
-    def _step(self, tree, opt_state, ema, constants, batch, lr_scale):
+    def _step(self, tree, opt_state, ema, constants, batch, lr_scale, threshold_decay):
         self.compiles["train"] += 1  # runs once per trace, i.e. per compilation
         loss, grads = jax.value_and_grad(self._batch_loss)(tree, constants, batch)
-        updates, opt_state = self.optimizer.update(grads, opt_state, tree)
+        updates, opt_state = self.optimizer_with(threshold_decay).update(grads, opt_state, tree)
         tree = optax.apply_updates(tree, scale_updates(updates, lr_scale))
         if ema is not None:
             decay = self.config.ema_decay
@@ -330,8 +348,9 @@ class Trainer:
     def train_step(self, state: TrainState, batch: jraph.GraphsTuple) -> float:
         """One optimiser step in place on `state`; returns the batch loss."""
         lr_scale = jnp.asarray(self.lr_scale(state), self.dtype)
+        threshold_decay = jnp.asarray(self.config.threshold_decay, self.dtype)
         state.tree, state.opt_state, state.ema, loss = self._train_step(
-            state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale
+            state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay
         )
         state.step += 1
         return float(loss)

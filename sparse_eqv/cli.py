@@ -102,7 +102,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, score_lr=args.score_lr,
         threshold_decay=args.threshold_decay, dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         schedule=args.schedule, patience=args.patience, ema_decay=args.ema_decay,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, dense_lr=args.dense_lr,
         weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta,
                             magmoms=args.magmom_weight),
     )
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train a per-atom magnetic-moment head (dense) on the data's moments: scalar |m| "
                         "(invariant) or vector m (equivariant); DeePMD spin.npy, extxyz --magmoms-key")
     p.add_argument("--magmom-weight", type=float, default=1.0, help="loss weight of the moments (per μB^2)")
+    p.add_argument("--dense-lr", type=float, default=None,
+                   help="learning rate of densely trained leaves, e.g. the --magmom head (default --lr)")
     p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
                    help="fit per-element reference energies on the training set first, or keep the model's")
     p.add_argument("--seed", type=int, default=0)

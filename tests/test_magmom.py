@@ -81,7 +81,7 @@ def run(setup):
     metrics = finetune(
         root / "model", root / "run", train=root / "train", valid=root / "valid",
         method=MethodOptions("str"), magmom="scalar", progress=False,
-        config=TrainConfig(epochs=2, batch_size=1, lr=0.05, seed=1, weights=LossWeights(magmoms=10.0)),
+        config=TrainConfig(epochs=2, batch_size=1, lr=0.05, dense_lr=0.1, seed=1, weights=LossWeights(magmoms=10.0)),
     )
     return root / "run", metrics
 

@@ -58,6 +58,7 @@ class TrainConfig:
         score_lr: STR score learning rate (None: lr).
         threshold_decay: lambda_tau, weight decay on STR scores.
         dense_weight_decay: weight decay on dense leaves (full, scratch).
+        dense_lr: learning rate of dense leaves, e.g. a new moment head (None: lr).
         clip_norm: global gradient-norm clip (None: off).
         schedule: "plateau", "cosine" or "constant".
         plateau_factor, plateau_patience: lr *= factor after `patience`
@@ -77,6 +78,7 @@ class TrainConfig:
     score_lr: float | None = None
     threshold_decay: float = 0.05
     dense_weight_decay: float = 0.0
+    dense_lr: float | None = None
     clip_norm: float | None = 10.0
     schedule: str = "plateau"
     plateau_factor: float = 0.8
@@ -238,6 +240,7 @@ class Trainer:
             score_lr=c.score_lr,
             dense_weight_decay=c.dense_weight_decay,
             clip_norm=c.clip_norm,
+            dense_lr=c.dense_lr,
         )
 
     def _cast(self, tree):

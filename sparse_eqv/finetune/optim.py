@@ -28,6 +28,7 @@ def make_optimizer(
     score_lr: float | None = None,
     dense_weight_decay: float = 0.0,
     clip_norm: float | None = None,
+    dense_lr: float | None = None,
 ) -> optax.GradientTransformation:
     """optax.partition over `labels` (a tree of label strings).
 
@@ -38,6 +39,8 @@ def make_optimizer(
         score_lr: learning rate of scores (default: lr).
         dense_weight_decay: AdamW weight decay on dense leaves.
         clip_norm: clip the global gradient norm first (None: no clipping).
+        dense_lr: learning rate of dense leaves (default: lr), e.g. a freshly
+            initialised head trained beside STR deltas.
     """
     present = set(jax.tree.leaves(labels))
     unknown = present - set(LABELS)
@@ -47,7 +50,7 @@ def make_optimizer(
         "frozen": optax.set_to_zero(),
         "delta": optax.adamw(lr, weight_decay=0.0),
         "score": optax.adamw(lr if score_lr is None else score_lr, weight_decay=threshold_decay),
-        "dense": optax.adamw(lr, weight_decay=dense_weight_decay),
+        "dense": optax.adamw(lr if dense_lr is None else dense_lr, weight_decay=dense_weight_decay),
     }
     transform = optax.partition({k: v for k, v in transforms.items() if k in present}, labels)
     if clip_norm is not None:

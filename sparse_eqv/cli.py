@@ -93,19 +93,25 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.loop import TrainConfig
     from sparse_eqv.finetune.run import MethodOptions, finetune
+    from sparse_eqv.finetune.variants import make_variants, parse_values
 
+    decays = parse_values(args.threshold_decay, "--threshold-decay", float)
+    seeds = [args.seed] if args.seeds is None else parse_values(args.seeds, "--seeds", int)
     method = MethodOptions(
         method=args.method, targets=tuple(args.targets), per_path=args.per_path,
         delta_std=args.delta_std, init_threshold=args.init_threshold, rank=args.rank, alpha=args.alpha,
     )
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, score_lr=args.score_lr,
-        threshold_decay=args.threshold_decay, dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seeds[0], score_lr=args.score_lr,
+        threshold_decay=decays[0], dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         schedule=args.schedule, patience=args.patience, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, dense_lr=args.dense_lr,
         weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta,
                             magmoms=args.magmom_weight),
     )
+    if len(decays) * len(seeds) > 1:
+        _finetune_variants(args, method, config, make_variants(decays, seeds))
+        return
     result = finetune(
         args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
         test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
@@ -121,6 +127,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
     if valid.get("magmoms_mae") is not None:
         print(f"magnetic moments: valid MAE {valid['magmoms_mae']:.4f} μB")
+
+
+def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
+    from sparse_eqv.finetune.variants import finetune_variants, summary_table
+
+    summary = finetune_variants(
+        args.model, args.output, variants=variants, train=args.train, valid=args.valid,
+        valid_fraction=args.valid_fraction, test=args.test, method=method, config=config, e0s=args.e0s,
+        overwrite=args.overwrite, resume=args.resume, n_devices=args.devices, read_options=_read_options(args),
+        progress=not args.quiet, magmom=getattr(args, "magmom", None),
+    )
+    print(summary_table(summary))
+    print(f"{len(variants)} variants in one run, {summary['train_wall_s']:.1f} s training, "
+          f"{sum(summary['compiles'].values())} compilation(s) -> {args.output}/<variant>")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -248,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", default=["default"],
                    help="default (linear layers + tensor products with internal weights), all (adds symmetric "
                         "contractions and radial MLPs), a role, or leaf-path patterns")
-    p.add_argument("--threshold-decay", type=float, default=0.05, help="STR: weight decay lambda_tau on the scores")
+    p.add_argument("--threshold-decay", default="0.05",
+                   help="STR: weight decay lambda_tau on the scores; a comma-separated list (0.01,0.05,0.3) trains "
+                        "one variant per value in one jitted run, RUN_DIR/lambda_<value>/ each")
     p.add_argument("--per-path", action="store_true", help="STR: one threshold per e3nn path instead of per layer")
     p.add_argument("--delta-std", type=float, default=0.01, help="STR: std of the initial delta")
     p.add_argument("--init-threshold", type=float, default=1e-3, help="STR: sigmoid(score) at the start")
@@ -276,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
                    help="fit per-element reference energies on the training set first, or keep the model's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="instead of --seed: a comma-separated list (0,1,2) trains one variant per seed (split, "
+                        "order, init) in one jitted run, RUN_DIR/seed_<value>/ each; with several --threshold-decay "
+                        "values, every pair")
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("-o", "--output", required=True, type=Path, help="run directory to write")

@@ -15,3 +15,8 @@ class CheckpointError(SparseEqvError):
 
 class UnsupportedModelError(SparseEqvError):
     """A model option outside what the Flax implementation reproduces."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA's RESOURCE_EXHAUSTED (an allocation failed on the device or host)."""
+    return "RESOURCE_EXHAUSTED" in str(error)

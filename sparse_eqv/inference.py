@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+import functools
+import json
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import numpy as np
 
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
+from sparse_eqv.errors import SparseEqvError, out_of_memory
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
 
@@ -38,6 +41,16 @@ def frame_batches(frames: Sequence[Frame], max_atoms: int) -> Iterator[list[int]
         yield batch
 
 
+@functools.lru_cache(maxsize=16)
+def prediction_function(config_json: str) -> Callable:
+    """The jitted (variables, padded graph) -> energy/forces/stress of the model
+    a config (as sorted JSON) describes: one per model, shared by its Predictors,
+    so a second Predictor (or Calculator) of the same model compiles nothing new."""
+    config = json.loads(config_json)
+    module, cutoff = build_model(config), float(config["r_max"])
+    return jax.jit(lambda variables, graph: energy_forces_stress(module.apply, variables, graph, cutoff))
+
+
 class Predictor:
     """A converted (or fine-tuned) model ready to predict energies, forces, stress
     (and magnetic moments, when the config has a "magmom" head).
@@ -45,7 +58,7 @@ class Predictor:
     Attributes:
         config: the model directory's config.
         variables: {"params", "constants"} in the model's dtype.
-        budgets: the padding budgets seen so far (one compilation each).
+        budgets: the padding budgets seen so far (at most one compilation each).
     """
 
     def __init__(self, config: dict[str, Any], variables: Any):
@@ -54,7 +67,7 @@ class Predictor:
         self.module = build_model(config)
         self.variables = cast_floats(variables, self.dtype)
         self.budgets: set[GraphBudget] = set()
-        self._predict = jax.jit(lambda variables, graph: energy_forces_stress(self.module.apply, variables, graph))
+        self._predict = prediction_function(json.dumps(config, sort_keys=True))
 
     @property
     def cutoff(self) -> float:
@@ -69,9 +82,17 @@ class Predictor:
 
     def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, np.ndarray]:
         """Predictions for a padded batch, as numpy arrays (padding included)."""
-        self.budgets.add(GraphBudget(int(graph.n_node.sum()), int(graph.n_edge.sum()), len(graph.n_node)))
-        out = self._predict(self.variables, cast_floats(graph, self.dtype))
-        return jax.tree.map(np.asarray, out)
+        budget = GraphBudget(int(graph.n_node.sum()), int(graph.n_edge.sum()), len(graph.n_node))
+        self.budgets.add(budget)
+        try:
+            return jax.tree.map(np.asarray, self._predict(self.variables, cast_floats(graph, self.dtype)))
+        except jax.errors.JaxRuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            raise SparseEqvError(
+                f"out of memory predicting a batch padded to {budget.n_node} atoms and {budget.n_edge} edges: "
+                "use fewer atoms per batch (--batch-atoms, or Predictor.predict(max_atoms=...))"
+            ) from error
 
     def predict(self, frames: Sequence[Frame], max_atoms: int = 1024, progress: Iterable | None = None) -> list[dict[str, np.ndarray]]:
         """Per-frame dicts: energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (periodic only),

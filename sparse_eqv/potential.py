@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-# Padding edges get this vector: finite, non-zero length, so no model takes
-# the norm or the direction of a zero vector (whose gradient is NaN).
-_PADDING_EDGE_VECTOR = (0.0, 0.0, 1.0)
+# Padding edges get the vector (0, 0, length): finite and non-zero, so no
+# model takes the norm or the direction of a zero vector (whose gradient is
+# NaN). At length = the model's cutoff every model's radial envelope is exactly
+# zero, so padding edges carry no messages: otherwise the padding node, fed by
+# all padding edges at once layer after layer, can overflow float32 (its
+# energy is masked, but 0 * inf in the backward pass turns the gradient NaN).
 
 
 def edge_vectors(
-    positions: jax.Array, strain: jax.Array, graph: jraph.GraphsTuple
+    positions: jax.Array, strain: jax.Array, graph: jraph.GraphsTuple, padding_length: float = 1.0
 ) -> jax.Array:
     """Edge vectors r_j + S @ cell - r_i under a homogeneous strain.
 
@@ -34,9 +37,10 @@ def edge_vectors(
         positions: (N, 3) Å.
         strain: (G, 3, 3) displacement gradient (zero for the physical geometry).
         graph: padded batch from `sparse_eqv.data.graph.batch_graphs`.
+        padding_length: length of the padding edges' vector, Å.
 
     Returns:
-        (E, 3) Å; padding edges hold a fixed unit vector.
+        (E, 3) Å; padding edges hold (0, 0, padding_length).
     """
     n_graph = graph.n_node.shape[0]
     node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=positions.shape[0])
@@ -48,12 +52,12 @@ def edge_vectors(
     shift_vectors = jnp.einsum("ek,ekj->ej", graph.edges["shifts"].astype(positions.dtype), strained_cell[edge_graph])
     vectors = strained_positions[graph.senders] - strained_positions[graph.receivers] + shift_vectors
     real_edge = jraph.get_edge_padding_mask(graph)
-    padding = jnp.asarray(_PADDING_EDGE_VECTOR, dtype=positions.dtype)
+    padding = jnp.asarray([0.0, 0.0, padding_length], dtype=positions.dtype)
     return jnp.where(real_edge[:, None], vectors, padding)
 
 
 def energy_forces_stress(
-    apply_fn: Callable[..., jax.Array], variables: Any, graph: jraph.GraphsTuple
+    apply_fn: Callable[..., jax.Array], variables: Any, graph: jraph.GraphsTuple, cutoff: float | None = None
 ) -> dict[str, jax.Array]:
     """Predict energy (G,) eV, forces (N, 3) eV/Å and stress (G, 3, 3) eV/Å^3.
 
@@ -65,6 +69,8 @@ def energy_forces_stress(
             `sparse_eqv.models.magmom`); those are not differentiated here.
         variables: the model's variables ({"params": ..., "constants": ...}).
         graph: padded batch. Stress is zero for non-periodic graphs (V = 0).
+        cutoff: the model's r_max, Å: padding edges get this length, so they
+            carry no messages (None: 1 Å, for models without a radial envelope).
 
     Returns:
         dict with "energy", "forces", "stress", "node_energies", and the
@@ -76,7 +82,7 @@ def energy_forces_stress(
     node_graph = jnp.repeat(jnp.arange(n_graph), graph.n_node, total_repeat_length=n_node)
 
     def total_energy(positions, strain):
-        vectors = edge_vectors(positions, strain, graph)
+        vectors = edge_vectors(positions, strain, graph, 1.0 if cutoff is None else cutoff)
         out = apply_fn(variables, vectors, graph.nodes["species"], graph.senders, graph.receivers)
         node_energies, node_outputs = out if isinstance(out, tuple) else (out, {})
         node_energies = jnp.where(jraph.get_node_padding_mask(graph), node_energies, 0.0)

@@ -10,11 +10,12 @@ and stress do not depend on the shift.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import ase.data
 
 from sparse_eqv.checkpoint import load_for_inference
+from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.finetune.e0s import composition, fit_e0_shift
 from sparse_eqv.finetune.losses import error_metrics
@@ -27,15 +28,20 @@ def evaluate(path: str | Path, data: str | Path, *, max_atoms: int = 1024, progr
     config, variables = load_for_inference(path)
     frames = read_frames(data, **(read_options or {}))
     predictions = Predictor(config, variables).predict(frames, max_atoms=max_atoms, progress=progress)
-    numbers = config["atomic_numbers"]
-    out: dict[str, Any] = {
+    return {
         "model": str(path),
         "data": str(data),
         "finetuned": "finetuned" in config,
-        "raw": error_metrics(frames, predictions),
+        **prediction_metrics(frames, predictions, config["atomic_numbers"]),
     }
+
+
+def prediction_metrics(frames: Sequence[Frame], predictions: Sequence[dict], atomic_numbers: Sequence[int]) -> dict[str, Any]:
+    """"raw" error metrics of `predictions` on the labelled `frames`, and with
+    energy labels "e0_fit" (after the per-element shift "e0_shift_eV")."""
+    out: dict[str, Any] = {"raw": error_metrics(frames, predictions)}
     if any(f.energy is not None for f in frames):
-        shift = fit_e0_shift(frames, [p["energy"] for p in predictions], numbers)
-        out["e0_fit"] = error_metrics(frames, predictions, composition(frames, numbers) @ shift)
-        out["e0_shift_eV"] = {ase.data.chemical_symbols[z]: float(s) for z, s in zip(numbers, shift) if s != 0.0}
+        shift = fit_e0_shift(frames, [p["energy"] for p in predictions], atomic_numbers)
+        out["e0_fit"] = error_metrics(frames, predictions, composition(frames, atomic_numbers) @ shift)
+        out["e0_shift_eV"] = {ase.data.chemical_symbols[z]: float(s) for z, s in zip(atomic_numbers, shift) if s != 0.0}
     return out

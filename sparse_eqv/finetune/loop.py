@@ -34,13 +34,14 @@ import jax.numpy as jnp
 import jraph
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sparse_eqv import distributed
 from sparse_eqv.atomic_write import atomic_directory
+from sparse_eqv.checkpoint import pytree_checkpointer
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
-from sparse_eqv.errors import CheckpointError, DataError
+from sparse_eqv.errors import CheckpointError, DataError, SparseEqvError, out_of_memory
 from sparse_eqv.finetune.losses import LossWeights, error_metrics, loss_sums, total_loss
 from sparse_eqv.finetune.optim import make_optimizer, scale_updates
 from sparse_eqv.potential import energy_forces_stress
@@ -69,6 +70,12 @@ class TrainConfig:
         checkpoint_every: save the training state every this many steps
             (and at the end of every epoch).
         weights: loss weights.
+        time_limit_s: stop training once this many seconds (of `fit`'s
+            wall time, compilation included) have passed; the epoch in
+            progress ends early and is validated (None: off).
+        one_budget: pad every batch to one budget that fits any batch of the
+            run's frames, so each jitted function compiles once (more padding
+            when frames differ in size).
     """
 
     epochs: int = 10
@@ -87,6 +94,8 @@ class TrainConfig:
     ema_decay: float | None = None
     checkpoint_every: int = 50
     weights: LossWeights = LossWeights()
+    time_limit_s: float | None = None
+    one_budget: bool = False
 
 
 @dataclasses.dataclass
@@ -142,7 +151,7 @@ def save_state(directory: Path, state: TrainState) -> None:
     leaves = jax.tree.leaves(state.arrays())
     with atomic_directory(directory, overwrite=True) as tmp:
         arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(leaves)}
-        ocp.PyTreeCheckpointer().save((tmp / ARRAYS_DIR).absolute(), arrays)
+        pytree_checkpointer().save((tmp / ARRAYS_DIR).absolute(), arrays)
         scalars = state.scalars()
         scalars["n_leaves"] = len(leaves)
         (tmp / STATE_FILE).write_text(json.dumps(scalars, indent=1))
@@ -155,7 +164,7 @@ def restore_state(directory: Path, template: TrainState) -> TrainState:
     scalars = json.loads((directory / STATE_FILE).read_text())
     if scalars.pop("n_leaves") != len(template_leaves):
         raise CheckpointError(f"{directory}: checkpoint does not match this run's method and model (leaf count)")
-    arrays = ocp.PyTreeCheckpointer().restore((directory / ARRAYS_DIR).absolute())
+    arrays = pytree_checkpointer().restore((directory / ARRAYS_DIR).absolute())
     leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
     for i, (a, b) in enumerate(zip(leaves, template_leaves)):
         if a.shape != np.shape(b):
@@ -186,8 +195,11 @@ class Trainer:
         method: STR, ELoRA or Full (see `sparse_eqv.finetune`).
         base_params: the params the method starts from.
         train_config: options.
-        n_devices: local devices to use (default: all).
+        n_devices: devices to use (default: all local ones; with several
+            processes, all devices of the job, see `sparse_eqv.distributed`).
         dtype: float dtype of graphs and params.
+        cutoff: the model's r_max, Å (padding edges get this length and carry
+            no messages; see `sparse_eqv.potential`).
     """
 
     def __init__(
@@ -200,15 +212,17 @@ class Trainer:
         *,
         n_devices: int | None = None,
         dtype=jnp.float64,
+        cutoff: float | None = None,
     ):
         self.module = module
         self.method = method
         self.config = train_config
         self.dtype = dtype
-        devices = jax.local_devices()
+        self.cutoff = cutoff
+        devices = distributed.devices()
         self.n_devices = len(devices) if n_devices is None else n_devices
         if not 1 <= self.n_devices <= len(devices):
-            raise ValueError(f"n_devices={n_devices}, but {len(devices)} local device(s) are available")
+            raise ValueError(f"n_devices={n_devices}, but {len(devices)} device(s) are available")
         self.mesh = Mesh(np.array(devices[: self.n_devices]), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -216,6 +230,7 @@ class Trainer:
         self.base_params = base_params
         self.compiles = {"train": 0, "eval": 0}
         self.budgets: set[GraphBudget] = set()
+        self.fixed_budget: GraphBudget | None = None
         rng = jax.random.PRNGKey(train_config.seed)
         tree = self._cast(method.init(base_params, rng))
         self.labels = method.labels(tree)
@@ -223,7 +238,8 @@ class Trainer:
         self.initial_tree = jax.tree.map(np.asarray, tree)  # host copy: the step donates device buffers
         self.total_steps: int | None = None
         self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
-        self._eval_step = jax.jit(self._evaluate_batch)
+        # Replicated outputs: every process (several hosts) can read all predictions.
+        self._eval_step = jax.jit(self._evaluate_batch, out_shardings=self.replicated)
         self._effective = jax.jit(method.effective)
 
     # -- state -------------------------------------------------------------
@@ -271,7 +287,8 @@ class Trainer:
         Every shard is filled up to `shard_size()` graphs with label-free
         copies of its own (or the batch's first) frames, so a short last batch
         pads to the same budget as a full one when frames are alike in size.
-        The budget is a pure function of the batch (resume stays exact).
+        The budget is a pure function of the batch, or the run's fixed one
+        (`fix_budget`), so resume stays exact.
 
         Returns:
             the stacked batch (leading axis: device) placed on the mesh, and
@@ -297,11 +314,20 @@ class Trainer:
         stack them on a leading axis; host arrays in the run's dtype."""
         n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
         n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
-        budget = GraphBudget.round_up(n_node, n_edge, self.shard_size())
+        budget = self.fixed_budget or GraphBudget.round_up(n_node, n_edge, self.shard_size())
         self.budgets.add(budget)
         padded = [batch_graphs(p, budget) for p in parts]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
         return jax.tree.map(lambda x: x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x, stacked)
+
+    def fix_budget(self, *graph_sets: Sequence[jraph.GraphsTuple]) -> GraphBudget:
+        """Pad every later batch to one budget: the smallest that fits any
+        `shard_size()` graphs of these sets (one compilation per function)."""
+        size = self.shard_size()
+        nodes = sorted((int(g.n_node[0]) for graphs in graph_sets for g in graphs), reverse=True)
+        edges = sorted((int(g.n_edge[0]) for graphs in graph_sets for g in graphs), reverse=True)
+        self.fixed_budget = GraphBudget(sum(nodes[:size]) + 1, sum(edges[:size]), size + 1)
+        return self.fixed_budget
 
     def epoch_batches(self, n_frames: int, epoch: int, seed: int | None = None) -> list[list[int]]:
         """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch);
@@ -316,7 +342,7 @@ class Trainer:
         return {"params": params, "constants": constants}
 
     def _shard_sums(self, params, constants, graph):
-        pred = energy_forces_stress(self.module.apply, self._variables(params, constants), graph)
+        pred = energy_forces_stress(self.module.apply, self._variables(params, constants), graph, self.cutoff)
         return loss_sums(pred, graph, self.config.weights), pred
 
     def _batch_loss(self, tree, constants, batch):
@@ -352,11 +378,25 @@ class Trainer:
         """One optimiser step in place on `state`; returns the batch loss."""
         lr_scale = jnp.asarray(self.lr_scale(state), self.dtype)
         threshold_decay = jnp.asarray(self.config.threshold_decay, self.dtype)
-        state.tree, state.opt_state, state.ema, loss = self._train_step(
-            state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay
-        )
+        try:
+            state.tree, state.opt_state, state.ema, loss = self._train_step(
+                state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay
+            )
+            loss = float(loss)
+        except jax.errors.JaxRuntimeError as error:
+            if out_of_memory(error):
+                raise self._memory_error("a training step", batch) from error
+            raise
         state.step += 1
-        return float(loss)
+        return loss
+
+    def _memory_error(self, what: str, batch: jraph.GraphsTuple) -> SparseEqvError:
+        """The error for XLA's out-of-memory in `what`: names the option to lower."""
+        n_node, n_edge = batch.nodes["species"].shape[-1], batch.senders.shape[-1]
+        return SparseEqvError(
+            f"out of memory in {what} on {self.config.batch_size} frames ({self.n_devices} device(s), each padded "
+            f"to {n_node} atoms and {n_edge} edges): lower --batch-size (now {self.config.batch_size})"
+        )
 
     def lr_scale(self, state: TrainState) -> float:
         """Factor on the peak lr: cosine over the run's steps, or the plateau factor."""
@@ -377,9 +417,14 @@ class Trainer:
         for start in range(0, len(frames), self.config.batch_size):
             indices = list(range(start, min(start + self.config.batch_size, len(frames))))
             batch, shards = self.stack(graphs, indices)
-            sums, pred = self._eval_step(params, self.constants, batch)
-            pred = jax.tree.map(np.asarray, pred)
-            sums = {k: float(v) for k, v in sums.items()}
+            try:
+                sums, pred = self._eval_step(params, self.constants, batch)
+                pred = jax.tree.map(np.asarray, pred)
+                sums = {k: float(v) for k, v in sums.items()}
+            except jax.errors.JaxRuntimeError as error:
+                if out_of_memory(error):
+                    raise self._memory_error("an evaluation batch", batch) from error
+                raise
             total = sums if total is None else {k: total[k] + sums[k] for k in total}
             for d, shard in enumerate(shards):
                 offset = 0
@@ -430,11 +475,16 @@ class Trainer:
         while state.epoch < self.config.epochs and not state.stopped:
             started = time.perf_counter()
             batches = self.epoch_batches(len(train_frames), state.epoch)
-            bar = tqdm(
-                total=len(batches), initial=state.batch, desc=f"epoch {state.epoch + 1}/{self.config.epochs}",
-                unit="batch", disable=not progress, leave=False,
-            )
+            limit = self.config.time_limit_s
+            desc = f"epoch {state.epoch + 1}/{self.config.epochs}"
+            if limit is not None:
+                desc = f"epoch {state.epoch + 1}, {max(limit - state.wall, 0.0):.0f} s left"
+            bar = tqdm(total=len(batches), initial=state.batch, desc=desc, unit="batch", disable=not progress,
+                       leave=False)
             while state.batch < len(batches):
+                if limit is not None and state.wall >= limit:
+                    state.stopped = True
+                    break
                 batch, _ = self.stack(train_graphs, batches[state.batch])
                 loss = self.train_step(state, batch)
                 if not math.isfinite(loss):
@@ -453,6 +503,8 @@ class Trainer:
             metrics = self.evaluate(params, *valid)
             state.wall += time.perf_counter() - started
             self._end_epoch(state, metrics, params, save, on_best)
+            if limit is not None and state.wall >= limit:
+                state.stopped = True
             if on_epoch is not None:
                 on_epoch(state)
             if save is not None:

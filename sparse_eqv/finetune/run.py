@@ -39,12 +39,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from sparse_eqv import sparsity
+from sparse_eqv import distributed, sparsity
 from sparse_eqv.atomic_write import atomic_directory, atomic_file
-from sparse_eqv.checkpoint import load_model, save_model
+from sparse_eqv.checkpoint import load_model, pytree_checkpointer, save_model
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import DataError, SparseEqvError
@@ -174,6 +173,8 @@ def finetune(
     dtype = np.float64 if model_config.get("dtype", "float64") == "float64" else np.float32
     variables = _cast(variables, dtype)
     train_frames = _read(Path(train), read_options)
+    if all(f.energy is None for f in train_frames):  # a wrong --energy-key: name the keys the file has
+        read_frames(Path(train), **read_options, require_energy=True)
     if valid is not None:
         valid_frames = _read(Path(valid), read_options)
     else:
@@ -204,7 +205,9 @@ def finetune(
     fine_method = make_method(method, base_params, model_config)
     trained_method = fine_method if magmom is None else magmom_lib.WithMagmomHead(fine_method, head_params)
     trainer = Trainer(module, variables["constants"], trained_method, base_params, config, n_devices=n_devices,
-                      dtype=jnp.dtype(dtype))
+                      dtype=jnp.dtype(dtype), cutoff=cutoff)
+    if config.one_budget:
+        trainer.fix_budget(train_graphs, valid_graphs, test_graphs)
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":
@@ -241,27 +244,34 @@ def finetune(
             raise SparseEqvError(f"{run_dir}: --resume with different {', '.join(changed)} than the run was started with")
         state = trainer.restore(run_dir / "checkpoints" / "last")
     else:
-        with atomic_directory(run_dir, overwrite=overwrite) as tmp:
-            (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
+        distributed.barrier("run directory checked")  # before process 0 creates it
+        if distributed.is_primary():
+            with atomic_directory(run_dir, overwrite=overwrite) as tmp:
+                (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
         state = trainer.initial_state()
 
+    # Only process 0 writes (several hosts: see sparse_eqv.distributed).
     def save(state: TrainState, kind: str) -> None:
-        save_state(run_dir / "checkpoints" / kind, state)
+        if distributed.is_primary():
+            save_state(run_dir / "checkpoints" / kind, state)
         if on_checkpoint is not None:
             on_checkpoint(state, kind)
 
     def on_best(state: TrainState, params: Any, metrics: dict) -> None:
-        tree = jax.tree.map(np.asarray, state.ema if state.ema is not None else state.tree)
-        write_best(run_dir, model_config, variables["constants"], base_params, fine_method, tree, params)
+        if distributed.is_primary():
+            tree = jax.tree.map(np.asarray, state.ema if state.ema is not None else state.tree)
+            write_best(run_dir, model_config, variables["constants"], base_params, fine_method, tree, params)
 
     def on_epoch(state: TrainState) -> None:
-        _write_csv(run_dir / "log.csv", state.history)
+        if distributed.is_primary():
+            _write_csv(run_dir / "log.csv", state.history)
 
     state = trainer.fit(
         state, (train_graphs, train_frames), (valid_graphs, valid_frames),
         save=save, on_best=on_best, on_epoch=on_epoch, progress=progress,
     )
 
+    distributed.barrier("best model written")
     best_config, best_variables = load_model(run_dir / "model")
     result = {
         "method": method.method,
@@ -279,7 +289,8 @@ def finetune(
         "n_devices": trainer.n_devices,
         "session_wall_s": time.perf_counter() - started,
     }
-    _write_json(run_dir / "metrics.json", result)
+    if distributed.is_primary():
+        _write_json(run_dir / "metrics.json", result)
     return result
 
 
@@ -295,7 +306,7 @@ def write_best(run_dir: Path, model_config, constants, base_params, method, tree
         report["paths"] = sparsity.path_view(delta)
         report["thresholds"] = {leaf_path(k): v for k, v in method.thresholds(tree).items()}
         with atomic_directory(run_dir / "delta", overwrite=True) as tmp:
-            ocp.PyTreeCheckpointer().save((tmp / "delta").absolute(), traverse_util.unflatten_dict(delta))
+            pytree_checkpointer().save((tmp / "delta").absolute(), traverse_util.unflatten_dict(delta))
             (tmp / "leaves.json").write_text(json.dumps(describe(delta), indent=1))
     config = {**model_config, "finetuned": {"run": str(run_dir.absolute()), "method": method.name}}
     save_model(run_dir / "model", config, {"params": params, "constants": constants}, overwrite=True)

@@ -97,6 +97,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     decays = parse_values(args.threshold_decay, "--threshold-decay", float)
     seeds = [args.seed] if args.seeds is None else parse_values(args.seeds, "--seeds", int)
+    if args.distributed or args.coordinator is not None:
+        from sparse_eqv import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     method = MethodOptions(
         method=args.method, targets=tuple(args.targets), per_path=args.per_path,
         delta_std=args.delta_std, init_threshold=args.init_threshold, rank=args.rank, alpha=args.alpha,
@@ -303,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "order, init) in one jitted run, RUN_DIR/seed_<value>/ each; with several --threshold-decay "
                         "values, every pair")
     p.add_argument("--devices", type=int, default=None, help="local devices for data parallelism (default: all)")
+    p.add_argument("--distributed", action="store_true",
+                   help="several hosts: join a jax.distributed job (coordinator, process count and id from the "
+                        "flags below or, without them, from the cluster environment, e.g. SLURM); every process "
+                        "runs the same command and RUN_DIR must be on a shared file system")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="jax.distributed coordinator address")
+    p.add_argument("--num-processes", type=int, default=None, help="processes in the jax.distributed job")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index in the job (0 writes RUN_DIR)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     p.add_argument("-o", "--output", required=True, type=Path, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -23,7 +23,8 @@ $(VENV_MACE)/.installed: Makefile
 	$(VENV_MACE)/bin/pip install $(PIP_QUIET) torch==2.13.0 mace-torch==0.3.16
 	touch $@
 
-demo: setup
+# The demo needs only the main environment (SevenNet-0 is bundled in sevenn).
+demo: $(VENV)/.installed
 	$(VENV)/bin/sparse-eqv demo
 
 test: setup

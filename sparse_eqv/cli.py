@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="where everything is written")
     p.add_argument("--data", type=Path, default=None, help="your own labelled data instead of the EMT set")
     p.add_argument("--model", default="7net-0", help="base checkpoint (default: the bundled SevenNet-0)")
-    p.add_argument("--minutes", type=float, default=4.0, help="fine-tuning time budget")
+    p.add_argument("--minutes", type=float, default=3.0,
+                   help="fine-tuning wall-time budget, compilation included (the whole demo takes a few minutes more)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

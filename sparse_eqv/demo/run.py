@@ -188,8 +188,8 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     _say("2/6 data", started)
     if data is None:
         splits = write_emt_dataset(output / "data", n_frames=n_frames, seed=seed)
-        print(f"   labels: {LEVEL_OF_THEORY}. SevenNet-0 was trained on PBE; moving it to EMT is a change of")
-        print("   reference (a level-of-theory shift), like fine-tuning onto another functional.")
+        print(f"   labels: {LEVEL_OF_THEORY}. The base model learnt DFT (SevenNet-0: PBE), so this is a change")
+        print("   of reference (a level-of-theory shift), like fine-tuning onto another functional.")
         print("   frames: rattled/strained 8-atom fcc Cu and Cu-Ni cells, a vacancy, a Cu(111) slab")
     else:
         splits = split_data(Path(data), output / "data", seed)
@@ -249,7 +249,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     if deviation is None:
         print(f"reload check   : skipped (the demo reloads SevenNet checkpoints only; this is {kind})")
     else:
-        print(f"reload check   : sevenn's SevenNetCalculator on {checkpoint.name} vs JAX ({dtype}), "
+        print(f"reload check   : sevenn's SevenNetCalculator on {checkpoint.name} vs JAX ({config['dtype']}), "
               f"{len(reloaded)} test frames: max |dE| = {deviation['energy_eV_per_atom']:.1e} eV/atom, "
               f"max |dF| = {deviation['forces_eV_per_A']:.1e} eV/Å")
     print(f"base model     : {model_dir}")
@@ -262,7 +262,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     summary = {
         "zero_shot": zero, "finetuned": tuned, "sparsity": result["sparsity"], "epochs": result["epochs"],
         "steps": result["steps"], "train_wall_s": result["train_wall_s"], "compiles": result["compiles"],
-        "reload_deviation": deviation, "dtype": dtype, "model_dir": str(model_dir), "run_dir": str(run_dir),
+        "reload_deviation": deviation, "dtype": config["dtype"], "model_dir": str(model_dir), "run_dir": str(run_dir),
         "data": {split: str(splits[split]) for split in SPLITS}, "checkpoint": str(checkpoint), "patch": str(patch),
         "figures": [str(f) for f in figures], "seconds": seconds,
     }

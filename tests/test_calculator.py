@@ -13,7 +13,7 @@ import pytest
 from ase import units
 from ase.build import bulk
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 from sparse_eqv.calculator import Calculator
 from sparse_eqv.checkpoint import load_model, save_model
@@ -121,7 +121,7 @@ def test_md_compiles_a_bounded_number_of_times(model_dir):
     atoms = li2s(seed=4) * (2, 1, 1)
     calc = Calculator(model_dir, skin=0.4)
     atoms.calc = calc
-    MaxwellBoltzmannDistribution(atoms, temperature_K=1000, rng=np.random.default_rng(5))
+    thermalize_momenta(atoms, temperature_K=1000, rng=np.random.default_rng(5))
     energies = []
     dynamics = Langevin(atoms, 1.0 * units.fs, temperature_K=1000, friction=0.02, fixcm=False,
                         rng=np.random.default_rng(6))

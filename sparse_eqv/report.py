@@ -69,7 +69,7 @@ def run_delta(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], Arra
     """
     from flax import traverse_util
 
-    from sparse_eqv.checkpoint import load_model
+    from sparse_eqv.checkpoint import load_model, pytree_checkpointer
     from sparse_eqv.finetune.targets import leaf_path
 
     run_dir = Path(run_dir)
@@ -84,12 +84,10 @@ def run_delta(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], Arra
     n_params = sum(v.size for v in params.values())
     method = info.get("method")
     if method == "str":
-        import orbax.checkpoint as ocp
-
         location = run_dir / "delta" / "delta"
         if not location.exists():
             raise CheckpointError(f"{run_dir}: STR run without its delta ({location} is missing)")
-        tree = ocp.PyTreeCheckpointer().restore(location.absolute())
+        tree = pytree_checkpointer().restore(location.absolute())
         delta = {leaf_path(k): np.asarray(v, np.float64) for k, v in traverse_util.flatten_dict(tree).items()}
         base = {path: params[path] - d for path, d in delta.items()}
         return info, config, delta, base, n_params

@@ -18,12 +18,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from sparse_eqv.checkpoint import load_model, save_model
+from sparse_eqv.checkpoint import load_model, pytree_checkpointer, save_model
 from sparse_eqv.cli import main
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import SparseEqvError
@@ -178,7 +177,7 @@ def compare_variant(workdir: Path, variant: Path, separate: Path) -> None:
     """A variant directory against the separate run's: merged model, delta patch, best
     state (deltas, scores, EMA, optimiser), metrics, sparsity, run.json and log."""
     assert compare_tree(load_model(separate / "model")[1], load_model(variant / "model")[1], "model") > 300
-    delta_a, delta_b = (ocp.PyTreeCheckpointer().restore((d / "delta" / "delta").absolute()) for d in (separate, variant))
+    delta_a, delta_b = (pytree_checkpointer().restore((d / "delta" / "delta").absolute()) for d in (separate, variant))
     compare_tree(delta_a, delta_b, "delta")
     template = template_trainer(workdir).initial_state()
     compare_states(restore_state(separate / "checkpoints" / "best", template),

@@ -49,11 +49,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sparse_eqv.atomic_write import atomic_directory
-from sparse_eqv.checkpoint import load_model
+from sparse_eqv.checkpoint import load_model, pytree_checkpointer
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import CheckpointError, SparseEqvError
 from sparse_eqv.finetune import e0s as e0s_lib
@@ -156,7 +155,7 @@ def restore_variant_state(directory: Path, template: VariantState) -> VariantSta
     scalars = json.loads((directory / STATE_FILE).read_text())
     if scalars.get("n_leaves") != len(template_leaves) or len(scalars.get("runs", ())) != len(template.runs):
         raise CheckpointError(f"{directory}: checkpoint does not match this run's variants, method and model")
-    arrays = ocp.PyTreeCheckpointer().restore((directory / ARRAYS_DIR).absolute())
+    arrays = pytree_checkpointer().restore((directory / ARRAYS_DIR).absolute())
     leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
     for i, (a, b) in enumerate(zip(leaves, template_leaves)):
         if a.shape != np.shape(b):

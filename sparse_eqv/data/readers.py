@@ -10,6 +10,7 @@ Formats:
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -25,24 +26,18 @@ KCAL_PER_MOL = ase.units.kcal / ase.units.mol  # eV
 KBAR = 0.1 * ase.units.GPa  # eV/Å^3
 
 
-def read_frames(
-    path: str | Path,
-    *,
-    energy_key: str = "energy",
-    forces_key: str = "forces",
-    stress_key: str = "stress",
-    require_energy: bool = False,
-    magmoms_key: str = "magmoms",
-) -> list[Frame]:
+def read_frames(path: str | Path, *, require_energy: bool = False, **label_keys: str) -> list[Frame]:
     """Read every frame of `path`, choosing the reader by its form.
 
     Args:
         path: extxyz/xyz file, rMD17 .npz, DeePMD directory, or mlearn .json.
-        energy_key, forces_key, stress_key, magmoms_key: extxyz label names
-            (magnetic moments: a per-atom array, (N,) or (N, 3) μB, e.g.
-            "magmoms" or "initial_magmoms").
         require_energy: raise DataError when a frame has no energy label.
+        label_keys: extxyz label names, `read_extxyz`'s energy_key, forces_key,
+            stress_key and magmoms_key (magnetic moments: a per-atom array,
+            (N,) or (N, 3) μB, e.g. "magmoms" or "initial_magmoms"); the
+            other formats have fixed labels. Any other name is a TypeError.
     """
+    inspect.signature(read_extxyz).bind(path, **label_keys)  # TypeError on a name read_extxyz lacks
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -53,10 +48,7 @@ def read_frames(
     elif path.suffix == ".json":
         frames = read_mlearn_json(path)
     else:
-        frames = read_extxyz(
-            path, energy_key=energy_key, forces_key=forces_key, stress_key=stress_key, require_energy=require_energy,
-            magmoms_key=magmoms_key,
-        )
+        frames = read_extxyz(path, require_energy=require_energy, **label_keys)
     if not frames:
         raise DataError(f"{path}: contains no frames")
     for frame in frames:

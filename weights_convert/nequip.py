@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from sparse_eqv.errors import CheckpointError, UnsupportedModelError
-from weights_convert.sevenn import _act_scale, _Collector, _irreps, check_variables
+from weights_convert.sevenn import _act_scale, _Collector, _irreps
 
 _BUILDERS = {
     "nequip.model.NequIPGNNModel",
@@ -174,7 +174,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     import torch
     from e3nn.o3 import wigner_3j
 
-    from sparse_eqv.models.nequip import NequIP, conv_instructions, layer_output_irreps, parse_irreps
+    from sparse_eqv.models.nequip import conv_instructions, parse_irreps
 
     path = Path(path)
     if not path.is_file():
@@ -330,13 +330,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         "source": {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "kind": kind},
         "torch_names": col.torch_names,
     }
-    module = NequIP.from_config(config)
-    for t, spec in enumerate(module.layers[:-1]):
-        if layer_output_irreps(spec) != module.layers[t + 1].irreps_in:
-            raise CheckpointError(f"{path}: layer {t} output irreps do not match layer {t + 1} input")
-    variables = {"params": col.params, "constants": col.constants}
-    check_variables(module, variables, str(path))
-    return config, variables
+    return config, col.checked_variables(config)
 
 
 def _is_compiled_archive(path: Path) -> bool:

@@ -165,6 +165,24 @@ class _Collector:
     def constant(self, where: tuple[str, ...], value):
         self._put(self.constants, "constants", where, np.asarray(value), None)
 
+    def checked_variables(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The collected {"params", "constants"}, checked against the Flax `NequIP`
+        built from `config`: each layer's output irreps are the next layer's input
+        irreps, and the leaves and their shapes are exactly those `module.init` makes.
+
+        Raises:
+            CheckpointError naming the checkpoint file.
+        """
+        from sparse_eqv.models.nequip import NequIP, layer_output_irreps
+
+        module = NequIP.from_config(config)
+        for t, spec in enumerate(module.layers[:-1]):
+            if layer_output_irreps(spec) != module.layers[t + 1].irreps_in:
+                raise CheckpointError(f"{self.path}: layer {t} output irreps do not match layer {t + 1} input")
+        variables = {"params": self.params, "constants": self.constants}
+        check_variables(module, variables, str(self.path))
+        return variables
+
 
 def _linear(col: _Collector, where: tuple[str, ...], key: str, linear) -> None:
     """e3nn o3.Linear weights: one leaf w[i_in,i_out] per instruction, in flat order."""
@@ -230,7 +248,6 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
     import torch
     from e3nn.o3 import wigner_3j
 
-    from sparse_eqv.models.nequip import NequIP, layer_output_irreps
 
     bundled = resolve_bundled(str(path))
     path = bundled if bundled is not None else Path(path)
@@ -371,13 +388,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
             "name": head, "index": modal_index, "count": num_modalities,
             "readout": mods["reduce_input_to_hidden"].num_modalities > 1,
         }
-    module = NequIP.from_config(flax_config)
-    for t, spec in enumerate(module.layers[:-1]):
-        if layer_output_irreps(spec) != module.layers[t + 1].irreps_in:
-            raise CheckpointError(f"{path}: layer {t} output irreps do not match layer {t + 1} input")
-    variables = {"params": col.params, "constants": col.constants}
-    check_variables(module, variables, str(path))
-    return flax_config, variables
+    return flax_config, col.checked_variables(flax_config)
 
 
 def _sevenn_acts(names: dict) -> dict:

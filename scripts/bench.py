@@ -1,45 +1,63 @@
 """Side-by-side benchmark: converted Flax models vs the official torch packages (issue 7).
 
-    python scripts/bench.py [--dtypes float32 float64] [--repeat 5] [--threads 2]
-                            [--json bench.json] [--tiny] [--no-torch]
+    python scripts/bench.py [--models sevenn mace] [--dtypes float32 float64] [--repeat 5]
+                            [--warmup 3] [--threads 2] [--json bench.json] [--tiny] [--no-torch]
+                            [--mace-model PATH] [--mace-python PYTHON]
 
-Rows (per dtype, medians over --repeat after one warm-up call):
-    predict <frame>    energy+forces(+stress) of one frame, s
+Models:
+    sevenn   SevenNet-0 (the checkpoint bundled with sevenn) vs sevenn
+    mace     a MACE-MP-0b3-medium-size model with random weights (mace's
+             initialisation, seed 0, MACE-MP-0's 89 elements), built once per
+             run by `tests/torch_ref/mace_reference.py` under --mace-python
+             (or reused from --mace-model PATH), vs mace-torch; the Flax side
+             converts the same file with `weights_convert.mace`
+
+Rows (per model and dtype, medians of --repeat calls after --warmup untimed ones):
+    predict <frame>    energy+forces(+stress) of one frame, s (ours: the
+                       library's `sparse_eqv.inference.Predictor.predict_graph`
+                       on the frame's padded graph; torch: the model in eval
+                       mode on the same frame, graph built once)
     train step         one optimiser step on a batch of 4 Cu frames, s
-                       (ours: the STR step of `sparse_eqv.finetune.loop.Trainer`;
-                       torch: sevenn's model in train mode, energy+forces MSE,
-                       torch.optim.Adam over every parameter: full fine-tuning)
-    first compile      s, JAX only (the first call of each jitted function)
+                       (ours: the STR step of `sparse_eqv.finetune.loop.Trainer`,
+                       loss weights E 1 / F 100 / S 1, clip 10; torch, full
+                       fine-tuning with Adam over every parameter: sevenn's model
+                       in train mode, energy+forces MSE; mace: mace's own
+                       `mace.tools.train.take_step` with
+                       `WeightedEnergyForcesStressLoss(1, 100, 1)`, clip 10, on a
+                       batch from mace's data pipeline)
+    first compile      s, JAX only: the first call of each jitted function minus
+                       its steady-state median (i.e. compilation)
     compiles / epoch   jit compilations of the train step over one epoch of
                        mixed-size frames (= distinct padding budgets; torch: 0)
     peak RSS           MiB of the worker process (resource.getrusage)
 
-Every (backend, dtype) runs in its own worker process (this file re-run
-with --worker), one after the other, so peak RSS is per process and JAX and
-torch see the same machine state within a run. Both get --threads threads
-(XLA_FLAGS / torch.set_num_threads).
+Every (model, backend, dtype) runs in its own worker process (this file re-run
+with --worker; mace-torch's under --mace-python, where mace-torch and e3nn
+0.4.4 live), one after the other, so peak RSS is per process and JAX and torch
+see the same machine state within a run. Both get --threads threads
+(XLA_FLAGS / torch.set_num_threads). After each table, the largest energy
+difference between the two sides over the predicted frames (eV) checks that
+both ran the same model.
 
---tiny is the CI mode: a tiny random SevenNet-shaped Flax model, one
-aspirin frame, a batch of 2, one repeat; torch still runs SevenNet-0 on
-that frame, so both code paths are exercised but the ratios mean nothing.
-
-MACE rows (MACE-MP-0b3-medium size, mace-torch in .venv-mace, converted with
-`weights_convert.mace`) plug in as another model in `MODELS`: a worker
-`_jax_worker`-style function for the Flax side and a `.venv-mace/bin/python`
-subprocess for the torch side (as `scripts/time_predict.py` does). Not yet
-measured here.
+--tiny is the CI mode: one aspirin frame, a batch of 2, one warm-up, one repeat. SevenNet:
+a tiny random SevenNet-shaped Flax model, while torch still runs SevenNet-0
+(both code paths run, the ratios mean nothing). MACE: a small mace-torch model
+with the MACE-MP-0b3 block types (reduced channels, max_ell 1, correlation 2,
+elements H C O) on both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,38 +70,66 @@ FRAMES = {
     "Cu fcc (108 at.)": ("cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz", 0),
     "LiGePS (400 at.)": ("sse-pbe/LiGePS-iter.000004-data.004", 0),
 }
+TINY_FRAME = "aspirin (21 at.)"
 TRAIN_FRAMES = "cu/mlearn_Cu_test.json"  # 107-atom Cu cells; the batch is its first frames
 EPOCH_FILES = ("cu/mlearn_Cu_test.json", "cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz")
 CHECKPOINT = "7net-0"
+MODELS = ("sevenn", "mace")
+TITLES = {
+    ("sevenn", False): "SevenNet-0 (real weights)",
+    ("sevenn", True): "SevenNet (tiny random model for JAX, SevenNet-0 for torch)",
+    ("mace", False): "MACE (MACE-MP-0b3-medium size, random weights)",
+    ("mace", True): "MACE (tiny, random weights)",
+}
+MACE_PYTHON = REPO / ".venv-mace" / "bin" / "python"
+MACE_ARCH = "mp0b3-medium"  # in tests/torch_ref/mace_reference.py
+MACE_ELEMENTS = list(range(1, 84)) + list(range(89, 95))  # MACE-MP-0's 89: H-Bi, Ac-Pu
+MACE_TINY = {"elements": [1, 6, 8], "max_ell": 1, "correlation": 2}  # plus mace_reference's REDUCED sizes
+# Both sides' training loss and clipping (sparse_eqv's defaults; the mace worker cannot import them):
+LOSS_WEIGHTS = (1.0, 100.0, 1.0)  # energy per atom, forces, stress (LossWeights)
+CLIP_NORM = 10.0  # global gradient norm (TrainConfig.clip_norm)
 
 
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
+def _timings(fn, repeat: int, warmup: int):
+    """(first call s, median of `repeat` timed calls s, last return value).
+
+    The timed calls follow `warmup` (>= 1) untimed ones, the first of which is
+    timed alone: JAX compiles in it, and TorchScript'ed e3nn modules (in
+    mace-torch and sevenn) profile and optimise their graphs over the first
+    2-3 calls (3.6, 3.8, 2.4 s, then 0.1-0.3 s per call for a small MACE here).
+    """
+    start = time.perf_counter()
+    value = fn()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        fn()
+        value = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return first, statistics.median(times), value
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _frame_names(args) -> list[str]:
+    return [TINY_FRAME] if args.tiny else list(FRAMES)
+
+
 def _frames(args):
     from sparse_eqv.data.readers import read_frames
 
-    if args.tiny:
-        return {"aspirin (21 at.)": read_frames(DATA / FRAMES["aspirin (21 at.)"][0])[0]}
-    return {name: read_frames(DATA / path)[index] for name, (path, index) in FRAMES.items()}
+    return {name: read_frames(DATA / FRAMES[name][0])[FRAMES[name][1]] for name in _frame_names(args)}
 
 
 def _train_frames(args):
     from sparse_eqv.data.readers import read_frames
 
     if args.tiny:
-        return read_frames(DATA / FRAMES["aspirin (21 at.)"][0])[:2]
+        return read_frames(DATA / FRAMES[TINY_FRAME][0])[:2]
     return read_frames(DATA / TRAIN_FRAMES)[:4]
 
 
@@ -107,6 +153,28 @@ def tiny_config() -> dict:
 # ----------------------------------------------------------------- JAX side
 
 
+def _jax_model(args) -> tuple[dict, dict]:
+    """(config, variables) of the Flax model in args.dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    if args.model == "mace":
+        from weights_convert.mace import convert
+
+        return convert(args.mace_file, dtype=args.dtype)
+    if not args.tiny:
+        from weights_convert.sevenn import convert
+
+        return convert(CHECKPOINT, dtype=args.dtype)
+    from sparse_eqv.models import build_model
+
+    config = dict(tiny_config(), dtype=args.dtype)
+    z = jnp.zeros((2, 3), args.dtype)
+    variables = build_model(config).init(jax.random.PRNGKey(0), z + jnp.asarray([0.0, 0.0, 1.0], args.dtype),
+                                         jnp.zeros(2, jnp.int32), jnp.asarray([0, 1]), jnp.asarray([1, 0]))
+    return config, variables
+
+
 def _jax_worker(args) -> dict:
     import jax
 
@@ -115,59 +183,44 @@ def _jax_worker(args) -> dict:
     jax.config.update("jax_default_matmul_precision", "highest")
     import jax.numpy as jnp
 
-    from sparse_eqv.data.graph import batch_graphs, frame_to_graph
+    from sparse_eqv.data.graph import batch_graphs
     from sparse_eqv.finetune import STR
     from sparse_eqv.finetune.loop import Trainer, TrainConfig
+    from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.targets import select_targets
-    from sparse_eqv.models import build_model
-    from sparse_eqv.potential import energy_forces_stress
+    from sparse_eqv.inference import Predictor
 
-    out: dict = {"backend": "jax", "version": jax.__version__, "dtype": args.dtype, "predict_s": {}, "compile_s": {}}
-    if args.tiny:
-        config = tiny_config()
-        module = build_model(config)
-        z = jnp.zeros((2, 3), args.dtype)
-        variables = module.init(jax.random.PRNGKey(0), z + jnp.asarray([0.0, 0.0, 1.0], args.dtype),
-                                jnp.zeros(2, jnp.int32), jnp.asarray([0, 1]), jnp.asarray([1, 0]))
-        variables = jax.tree.map(lambda x: x.astype(args.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables)
-    else:
-        from weights_convert.sevenn import convert
-
-        config, variables = convert(CHECKPOINT, dtype=args.dtype)
-        module = build_model(config)
-    config = {k: v for k, v in config.items() if k != "torch_names"}
-
-    def cast(tree):
-        return jax.tree.map(lambda x: x.astype(args.dtype) if np.issubdtype(x.dtype, np.floating) else x, tree)
-
-    predict = jax.jit(lambda v, g: energy_forces_stress(module.apply, v, g))
+    out: dict = {"model": args.model, "backend": "jax", "version": f"jax {jax.__version__}", "dtype": args.dtype,
+                 "predict_s": {}, "compile_s": {}, "energy_ev": {}}
+    config, variables = _jax_model(args)
+    predictor = Predictor(config, variables)  # what `sparse-eqv predict` and the ASE calculator run
     for name, frame in _frames(args).items():
-        graph = cast(batch_graphs([frame_to_graph(frame, config["atomic_numbers"], config["r_max"])]))
-        start = time.perf_counter()
-        compiled = predict.lower(variables, graph).compile()
-        out["compile_s"][f"predict {name}"] = time.perf_counter() - start
-        out["predict_s"][name] = _median_time(lambda: jax.block_until_ready(compiled(variables, graph)), args.repeat)
+        graph = batch_graphs([predictor.graph(frame)])
+        first, median, result = _timings(lambda: predictor.predict_graph(graph), args.repeat, args.warmup)
+        out["compile_s"][f"predict {name}"] = first - median
+        out["predict_s"][name] = median
+        out["energy_ev"][name] = float(result["energy"][0])
 
     frames = _train_frames(args)
-    graphs = [frame_to_graph(f, config["atomic_numbers"], config["r_max"]) for f in frames]
-    params = variables["params"]
+    graphs = [predictor.graph(f) for f in frames]
+    params = predictor.variables["params"]
     trainer = Trainer(
-        module, variables["constants"], STR(select_targets(params, config, ["default"])), params,
-        TrainConfig(batch_size=len(frames)), n_devices=1, dtype=jnp.dtype(args.dtype),
+        predictor.module, predictor.variables["constants"], STR(select_targets(params, config, ["default"])), params,
+        TrainConfig(batch_size=len(frames), clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
+        n_devices=1, dtype=jnp.dtype(args.dtype), cutoff=predictor.cutoff,
     )
     state = trainer.initial_state()
     batch, _ = trainer.stack(graphs, list(range(len(graphs))))
-    start = time.perf_counter()
-    trainer.train_step(state, batch)
-    out["compile_s"]["train step"] = time.perf_counter() - start
-    out["train_step_s"] = _median_time(lambda: trainer.train_step(state, batch), args.repeat)
+    first, median, _ = _timings(lambda: trainer.train_step(state, batch), args.repeat, args.warmup)
+    out["compile_s"]["train step"] = first - median
+    out["train_step_s"] = median
     out["train_atoms"] = sum(len(f.numbers) for f in frames)
-    out["compiles_per_epoch"] = _epoch_compiles(args, config, trainer)
+    out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
 
 
-def _epoch_compiles(args, config, trainer) -> dict:
+def _epoch_compiles(args, predictor, trainer) -> dict:
     """Train-step compilations over one epoch of mixed-size frames.
 
     jit compiles the step once per input shape, i.e. once per padding budget
@@ -175,16 +228,15 @@ def _epoch_compiles(args, config, trainer) -> dict:
     stacks them and their distinct budgets counted. Running them would add
     one compile per budget (minutes each for SevenNet-0 here).
     """
-    from sparse_eqv.data.graph import frame_to_graph
     from sparse_eqv.data.readers import read_frames
 
     if args.tiny:
-        frames = read_frames(DATA / FRAMES["aspirin (21 at.)"][0])[:5]
+        frames = read_frames(DATA / FRAMES[TINY_FRAME][0])[:5]
         cut = frames[1]
         frames[1] = dataclasses.replace(cut, numbers=cut.numbers[:13], positions=cut.positions[:13], forces=cut.forces[:13])
     else:
         frames = [f for path in EPOCH_FILES for f in read_frames(DATA / path)]
-    graphs = [frame_to_graph(f, config["atomic_numbers"], config["r_max"]) for f in frames]
+    graphs = [predictor.graph(f) for f in frames]
     seen = set(trainer.budgets)
     trainer.budgets.clear()
     for indices in trainer.epoch_batches(len(graphs), 0):
@@ -240,13 +292,14 @@ def _torch_worker(args) -> dict:
             tensors[key] = value
         return AtomGraphData(**tensors)
 
-    out: dict = {"backend": "torch", "version": f"torch {torch.__version__}, sevenn {sevenn.__version__}",
-                 "dtype": args.dtype, "predict_s": {}}
+    out: dict = {"model": "sevenn", "backend": "torch", "version": f"torch {torch.__version__}, sevenn {sevenn.__version__}",
+                 "dtype": args.dtype, "predict_s": {}, "energy_ev": {}}
     model = build(batched=False)
     model.eval()
     for name, frame in _frames(args).items():
         data = data_of(frame)
-        out["predict_s"][name] = _median_time(lambda: model(data.clone())[KEY.PRED_FORCE].detach(), args.repeat)
+        _, out["predict_s"][name], result = _timings(lambda: model(data.clone()), args.repeat, args.warmup)
+        out["energy_ev"][name] = float(result[KEY.PRED_TOTAL_ENERGY])
 
     frames = _train_frames(args)
     model = build(batched=True)
@@ -266,7 +319,103 @@ def _torch_worker(args) -> dict:
         loss.backward()
         optimizer.step()
 
-    out["train_step_s"] = _median_time(step, args.repeat)
+    out["train_step_s"] = _timings(step, args.repeat, args.warmup)[1]
+    out["compiles_per_epoch"] = {"compilations": 0}
+    out["peak_rss_mib"] = _peak_rss_mib()
+    return out
+
+
+def _write_mace_inputs(args, directory: Path) -> None:
+    """The frames for the mace-torch worker (whose environment cannot import
+    sparse_eqv's readers) as extxyz: predict.extxyz (the predicted frames in
+    `_frame_names` order) and train.extxyz with labels under mace's REF_ keys
+    (energy eV, forces eV/Å, stress eV/Å^3, ASE sign)."""
+    import ase.io
+
+    ase.io.write(directory / "predict.extxyz", [f.to_atoms() for f in _frames(args).values()], format="extxyz")
+    images = []
+    for frame in _train_frames(args):
+        atoms = frame.to_atoms()
+        atoms.info["REF_energy"] = frame.energy
+        atoms.arrays["REF_forces"] = frame.forces
+        if frame.stress is not None:
+            atoms.info["REF_stress"] = frame.stress
+        images.append(atoms)
+    ase.io.write(directory / "train.extxyz", images, format="extxyz")
+
+
+def _mace_build_worker(args) -> dict:
+    """Write the benchmark's mace-torch model to args.mace_file (run under
+    --mace-python): `mace_reference`'s MACE-MP-0b3-medium architecture, seed 0,
+    with MACE-MP-0's 89 elements (full size) or MACE_TINY (reduced sizes)."""
+    spec = importlib.util.spec_from_file_location("mace_reference", REPO / "tests" / "torch_ref" / "mace_reference.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    name = f"bench-{MACE_ARCH}"  # registered in this process only
+    reference.ARCHITECTURES[name] = dict(reference.ARCHITECTURES[MACE_ARCH], **(MACE_TINY if args.tiny else {"elements": MACE_ELEMENTS}))
+    reference._memoize_u_matrices()
+    reference.run(name, 0, args.mace_file, full_size=not args.tiny)
+    return {"model": args.mace_file}
+
+
+def _mace_torch_worker(args) -> dict:
+    """mace-torch's predict and training step (run under --mace-python).
+
+    Graphs and batches come from mace's own pipeline (`config_from_atoms`,
+    `AtomicData.from_config`, its DataLoader) and the model is called as in
+    `scripts/time_predict.py` (and mace's calculator); the step is mace's
+    `take_step`.
+    """
+    import ase.io
+    import e3nn
+    import mace
+    import torch
+    from mace import data as mace_data
+    from mace.modules.loss import WeightedEnergyForcesLoss, WeightedEnergyForcesStressLoss
+    from mace.tools import torch_geometric, utils
+    from mace.tools.train import take_step
+
+    torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    torch.set_default_dtype(dtype)  # mace builds input tensors and loss buffers in it
+    model = torch.load(args.mace_file, map_location="cpu", weights_only=False).to(dtype)
+    heads = list(getattr(model, "heads", ["Default"]))
+    keys = mace_data.KeySpecification(info_keys={"energy": "REF_energy", "stress": "REF_stress"},
+                                      arrays_keys={"forces": "REF_forces"})
+    z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
+
+    def batch_of(atoms_list):
+        graphs = [
+            mace_data.AtomicData.from_config(mace_data.config_from_atoms(atoms, key_specification=keys, head_name=heads[0]),
+                                             z_table=z_table, cutoff=float(model.r_max), heads=heads)
+            for atoms in atoms_list
+        ]
+        return next(iter(torch_geometric.dataloader.DataLoader(graphs, batch_size=len(graphs), shuffle=False)))
+
+    out: dict = {"model": "mace", "backend": "torch", "dtype": args.dtype, "predict_s": {}, "energy_ev": {},
+                 "version": f"torch {torch.__version__}, mace-torch {mace.__version__}, e3nn {e3nn.__version__}"}
+    directory = Path(args.frames_dir)
+    model.eval()
+    for name, atoms in zip(_frame_names(args), ase.io.read(directory / "predict.extxyz", index=":")):
+        batch = batch_of([atoms])
+        _, out["predict_s"][name], result = _timings(
+            lambda: model(batch.to_dict(), compute_stress=True, training=False), args.repeat, args.warmup
+        )
+        out["energy_ev"][name] = float(result["energy"][0])
+
+    model.train()
+    atoms_list = ase.io.read(directory / "train.extxyz", index=":")
+    batch = batch_of(atoms_list)
+    stress = all(atoms.pbc.all() for atoms in atoms_list)  # a molecule's stress is 0/0 in mace
+    energy_w, forces_w, stress_w = LOSS_WEIGHTS
+    loss = (WeightedEnergyForcesStressLoss(energy_w, forces_w, stress_w) if stress
+            else WeightedEnergyForcesLoss(energy_w, forces_w))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    output_args = {"forces": True, "virials": False, "stress": stress}
+    out["train_step_s"] = _timings(
+        lambda: take_step(model, loss, batch, optimizer, None, output_args, CLIP_NORM, torch.device("cpu")),
+        args.repeat, args.warmup,
+    )[1]
     out["compiles_per_epoch"] = {"compilations": 0}
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
@@ -275,24 +424,30 @@ def _torch_worker(args) -> dict:
 # ------------------------------------------------------------------- driver
 
 
-def _run_worker(args, backend: str, dtype: str) -> dict:
+def _run_worker(args, worker: str, model: str, dtype: str, workdir: Path) -> dict:
+    """Run this file as one worker process and return its JSON line (plus wall_s)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=1").strip()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
     env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
-    cmd = [sys.executable, __file__, "--worker", backend, "--dtype", dtype, "--repeat", str(args.repeat),
-           "--threads", str(args.threads)] + (["--tiny"] if args.tiny else [])
+    python = sys.executable
+    if model == "mace" and worker in ("torch", "build"):
+        python = str(args.mace_python)
+        env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    cmd = [python, __file__, "--worker", worker, "--model", model, "--dtype", dtype, "--repeat", str(args.repeat),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--mace-file", str(args.mace_file), "--frames-dir", str(workdir)]
+    cmd += ["--tiny"] if args.tiny else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
-        raise RuntimeError(f"{backend} {dtype} worker failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{model} {worker} {dtype} worker failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - start
     return result
 
 
 def table(results: list[dict]) -> str:
-    """One text table: rows x (dtype: jax, torch, jax/torch)."""
+    """One text table for one model: rows x (dtype: jax, torch, jax/torch)."""
     dtypes = sorted({r["dtype"] for r in results}, reverse=True)
     by = {(r["backend"], r["dtype"]): r for r in results}
     rows: list[tuple[str, str, callable]] = []
@@ -321,34 +476,73 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def energy_differences(results: list[dict]) -> dict[str, float]:
+    """Per dtype: max over the predicted frames of |E_jax - E_torch|, eV."""
+    by = {(r["backend"], r["dtype"]): r["energy_ev"] for r in results}
+    return {dtype: max(abs(energy[name] - by[("torch", dtype)][name]) for name in energy)
+            for (backend, dtype), energy in by.items() if backend == "jax" and ("torch", dtype) in by}
+
+
+def _bench_model(args, model: str, workdir: Path) -> tuple[list[dict], str, dict[str, float]]:
+    """Every worker of one model; prints each result line, the table and the
+    energy check. Returns the results, the table and the energy differences."""
+    if model == "mace":
+        if not args.mace_file.exists():
+            _run_worker(args, "build", "mace", "float64", workdir)
+        if not args.no_torch:
+            _write_mace_inputs(args, workdir)
+    results = []
+    for dtype in args.dtypes:
+        for backend in ["jax"] + ([] if args.no_torch else ["torch"]):
+            results.append(_run_worker(args, backend, model, dtype, workdir))
+            print(json.dumps(results[-1]), flush=True)
+    text = table(results)
+    print(f"{TITLES[(model, args.tiny)]}, {args.threads} threads, medians of {args.repeat} after {args.warmup} warm-up calls; "
+          "ratio = jax/torch (< 1: jax faster)")
+    print(text)
+    # tiny SevenNet: different models on the two sides, nothing to compare
+    differences = {} if args.tiny and model == "sevenn" else energy_differences(results)
+    for dtype, diff in differences.items():
+        print(f"max |E_jax - E_torch| over the predicted frames, {dtype}: {diff:.2e} eV")
+    return results, text, differences
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per row (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before them (the first compiles)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--mace-model", type=Path, help="MACE .model to use, built here first if missing (default: a temporary one)")
+    p.add_argument("--mace-python", type=Path, default=MACE_PYTHON, help="interpreter with mace-torch (default .venv-mace)")
+    p.add_argument("--worker", choices=["jax", "torch", "build"], help=argparse.SUPPRESS)
+    p.add_argument("--model", choices=MODELS, default="sevenn", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float64", help=argparse.SUPPRESS)
+    p.add_argument("--mace-file", help=argparse.SUPPRESS)
+    p.add_argument("--frames-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:
-        args.repeat = 1
+        args.repeat, args.warmup = 1, 1
     if args.worker:
-        result = (_jax_worker if args.worker == "jax" else _torch_worker)(args)
-        print(json.dumps(result))
+        workers = {("jax", "sevenn"): _jax_worker, ("jax", "mace"): _jax_worker, ("torch", "sevenn"): _torch_worker,
+                   ("torch", "mace"): _mace_torch_worker, ("build", "mace"): _mace_build_worker}
+        print(json.dumps(workers[(args.worker, args.model)](args)))
         return 0
-    results = []
-    for dtype in args.dtypes:
-        for backend in ["jax"] + ([] if args.no_torch else ["torch"]):
-            results.append(_run_worker(args, backend, dtype))
-            print(json.dumps(results[-1]), flush=True)
-    text = table(results)
-    print(f"SevenNet-0 ({'tiny random model for JAX' if args.tiny else 'real weights'}), {args.threads} threads, "
-          f"medians of {args.repeat} after warm-up; ratio = jax/torch (< 1: jax faster)")
-    print(text)
+    report: dict = {"threads": args.threads, "tiny": args.tiny, "repeat": args.repeat, "results": [], "tables": {},
+                    "energy_diff_ev": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.mace_file = args.mace_model or Path(tmp) / "mace.model"
+        for model in args.models:
+            workdir = Path(tmp) / model
+            workdir.mkdir()
+            results, report["tables"][model], report["energy_diff_ev"][model] = _bench_model(args, model, workdir)
+            report["results"] += results
     if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "tiny": args.tiny, "results": results, "table": text}, indent=1))
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

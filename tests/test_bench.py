@@ -1,7 +1,9 @@
 """scripts/bench.py in its CI-sized mode (tiny model, one frame, one repeat), so it cannot rot.
 
-The torch side (SevenNet-0 in sevenn) needs about a minute on this machine
-even for one small frame and is left to the full run (docs/performance.md).
+SevenNet: the JAX side only; the torch side (SevenNet-0 in sevenn) needs about
+a minute on this machine even for one small frame and is left to the full run
+(docs/performance.md). MACE: both sides (JAX and the mace-torch worker) on a
+tiny mace-torch model built by the bench itself, float32 only (about a minute).
 """
 
 from __future__ import annotations
@@ -20,16 +22,37 @@ def _bench(repo_root):
 def test_tiny_run_writes_table_and_json(repo_root, tmp_path, capsys):
     bench = _bench(repo_root)
     out = tmp_path / "bench.json"
-    assert bench.main(["--tiny", "--no-torch", "--dtypes", "float32", "--json", str(out)]) == 0
+    assert bench.main(["--tiny", "--no-torch", "--models", "sevenn", "--dtypes", "float32", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     (result,) = report["results"]
-    assert result["backend"] == "jax" and result["dtype"] == "float32"
+    assert result["model"] == "sevenn" and result["backend"] == "jax" and result["dtype"] == "float32"
     assert result["predict_s"]["aspirin (21 at.)"] > 0 and result["train_step_s"] > 0
     assert result["compile_s"]["train step"] > 0 and result["peak_rss_mib"] > 0
     # 5 frames of 21 and 13 atoms, batches of 2: two padding budgets, two compilations
     assert result["compiles_per_epoch"]["compilations"] == 2
     printed = capsys.readouterr().out
     assert "train step" in printed and "peak RSS" in printed
+
+
+def test_tiny_mace_both_sides(repo_root, shared_data, mace_python, tmp_path, capsys):
+    bench = _bench(repo_root)
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--models", "mace", "--dtypes", "float32", "--mace-python", str(mace_python), "--json", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    by_backend = {r["backend"]: r for r in report["results"]}
+    assert sorted(by_backend) == ["jax", "torch"]
+    jax_row, torch_row = by_backend["jax"], by_backend["torch"]
+    assert "mace-torch" in torch_row["version"]
+    for row in (jax_row, torch_row):
+        assert row["model"] == "mace" and row["dtype"] == "float32"
+        assert row["predict_s"]["aspirin (21 at.)"] > 0 and row["train_step_s"] > 0 and row["peak_rss_mib"] > 0
+    assert jax_row["compile_s"]["train step"] > 0
+    assert jax_row["compiles_per_epoch"]["compilations"] == 2
+    # both sides evaluated the same .model file: float32 energies of 21 atoms agree
+    assert report["energy_diff_ev"]["mace"]["float32"] < 1e-3
+    printed = capsys.readouterr().out
+    assert "MACE (tiny" in printed and "max |E_jax - E_torch|" in printed
 
 
 def test_table_ratios(repo_root):

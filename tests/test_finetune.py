@@ -30,35 +30,9 @@ from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs, restore_
 from sparse_eqv.finetune.run import MethodOptions, fresh_params, make_method
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
+from sparse_eqv.testing import tiny_sevenn_config
 
-# A SevenNet-style network small enough to compile quickly: l <= 1, 4 channels, two layers.
-TINY_CONFIG = {
-    "model": "sevenn",
-    "atomic_numbers": [3, 15, 16, 32],
-    "r_max": 3.5,
-    "dtype": "float64",
-    "embedding": {"features": 4, "scale": 0.5, "node_attrs": "one_hot"},
-    "radial_basis": {"num_basis": 4, "cutoff": "polynomial", "cutoff_arg": 6.0},
-    "irreps_sh": "1x0e+1x1o",
-    "sh_normalize": True,
-    "layers": [
-        {
-            "irreps_in": "4x0e",
-            "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "2x0e", "act_gates": ["sigmoid"], "gated": "2x1o"},
-            "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
-            "self_connection": "linear",
-            "sort_instructions": True,
-        },
-        {
-            "irreps_in": "4x0e+2x1o",
-            "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "", "act_gates": [], "gated": ""},
-            "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
-            "self_connection": "tensor_product",
-            "sort_instructions": True,
-        },
-    ],
-    "readout": {"dims": [4, 2, 1], "kind": "e3nn", "act": None},
-}
+TINY_CONFIG = tiny_sevenn_config()  # SevenNet architecture, l <= 1, 4 channels, two layers
 EPOCHS, BATCH = 2, 4
 
 

@@ -1,0 +1,41 @@
+"""Small model configs for the tests and the benchmark scripts (random weights, not for use)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_sevenn_config() -> dict[str, Any]:
+    """A SevenNet-architecture config small enough to compile quickly: Li, P, S,
+    Ge (SSE-PBE's elements), r_max 3.5 Å, l <= 1, 4 channels, two layers, float64.
+
+    Returns a new dict on every call (callers may change it).
+    """
+    return {
+        "model": "sevenn",
+        "atomic_numbers": [3, 15, 16, 32],
+        "r_max": 3.5,
+        "dtype": "float64",
+        "embedding": {"features": 4, "scale": 0.5, "node_attrs": "one_hot"},
+        "radial_basis": {"num_basis": 4, "cutoff": "polynomial", "cutoff_arg": 6.0},
+        "irreps_sh": "1x0e+1x1o",
+        "sh_normalize": True,
+        "layers": [
+            {
+                "irreps_in": "4x0e",
+                "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "2x0e", "act_gates": ["sigmoid"],
+                         "gated": "2x1o"},
+                "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
+                "self_connection": "linear",
+                "sort_instructions": True,
+            },
+            {
+                "irreps_in": "4x0e+2x1o",
+                "gate": {"scalars": "4x0e", "act_scalars": ["silu"], "gates": "", "act_gates": [], "gated": ""},
+                "radial": {"hidden": [4, 8], "kind": "e3nn", "act": "silu"},
+                "self_connection": "tensor_product",
+                "sort_instructions": True,
+            },
+        ],
+        "readout": {"dims": [4, 2, 1], "kind": "e3nn", "act": None},
+    }

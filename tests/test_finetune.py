@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import ase.io
 import jax
@@ -77,6 +78,22 @@ def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
     compilation cache, so only the first one compiles the train step."""
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+
+
+def kill_at_marker(process: subprocess.Popen, marker: Path, timeout_s: float, why: Callable[[], str]) -> None:
+    """SIGKILL `process` once it has written `marker` (it then waits to be killed) and reap it.
+    Fails the test with `why()` if the process ends first, or when no marker comes within timeout_s."""
+    try:
+        deadline = time.time() + timeout_s
+        while not marker.exists():
+            assert process.poll() is None, why()
+            assert time.time() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -203,17 +220,7 @@ def test_kill_and_resume_equals_uninterrupted(workdir, str_run, tmp_path):
     driver.write_text(KILL_DRIVER)
     env = subprocess_env(workdir)
     process = subprocess.Popen([sys.executable, str(driver), "3", str(marker), *finetune_args(workdir, out)], env=env)
-    try:
-        deadline = time.time() + 600
-        while not marker.exists():
-            assert process.poll() is None, "training process ended before the kill"
-            assert time.time() < deadline
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_at_marker(process, marker, 600, lambda: "training process ended before the kill")
     assert not (out / "metrics.json").exists()
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["batch"]) == (3, 1, 1)  # mid-epoch 2

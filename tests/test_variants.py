@@ -9,10 +9,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,7 +29,7 @@ from sparse_eqv.finetune.run import MethodOptions, make_method
 from sparse_eqv.finetune.str import STR
 from sparse_eqv.finetune.variants import Variant, VariantTrainer, make_variants, parse_values, variant_names
 from sparse_eqv.models import build_model
-from test_finetune import TINY_CONFIG, subprocess_env, write_extxyz
+from test_finetune import TINY_CONFIG, kill_at_marker, subprocess_env, write_extxyz
 
 DECAYS, SEED, OTHER_SEED = ("0.01", "0.05", "0.3"), 3, 5
 RTOL = 1e-10
@@ -101,17 +99,7 @@ def runs(workdir):
     with log.open("w") as stdout:
         process = subprocess.Popen([sys.executable, str(driver), json.dumps(jobs), str(marker)], env=env,
                                    stdout=stdout, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + 1800
-            while not marker.exists():
-                assert process.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline
-                time.sleep(0.2)
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
+        kill_at_marker(process, marker, 1800, lambda: log.read_text()[-3000:])
     assert log.read_text().count("exit 0") == len(jobs) - 1, log.read_text()[-3000:]
     killed = {"summary": (out / "lambda" / "summary.json").exists(),
               "runs": json.loads((out / "lambda" / "checkpoints" / "last" / "state.json").read_text())["runs"]}

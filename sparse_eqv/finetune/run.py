@@ -106,12 +106,136 @@ def split_frames(frames: list[Frame], fraction: float, seed: int, path: Path) ->
     return [frames[i] for i in sorted(order[n_valid:])], [frames[i] for i in sorted(order[:n_valid])]
 
 
-def _read(path: Path, read_options: dict[str, str]) -> list[Frame]:
-    return read_frames(path, **read_options)
-
-
 def _cast(tree: Any, dtype) -> Any:
     return jax.tree.map(lambda x: np.asarray(x, dtype) if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x), tree)
+
+
+def check_run_options(run_dir: Path, e0s: str, overwrite: bool, resume: bool) -> None:
+    """The checks made before anything is read: a known --e0s, and RUN_DIR new
+    (or --overwrite), or resumable with --resume. Raises SparseEqvError."""
+    if e0s not in ("fit", "keep"):
+        raise SparseEqvError(f"--e0s {e0s!r}; known: fit, keep")
+    if run_dir.exists() and not (overwrite or resume):
+        raise SparseEqvError(f"{run_dir}: already exists (pass --resume to continue it or --overwrite to replace it)")
+    if resume and not (run_dir / "checkpoints" / "last").exists():
+        raise SparseEqvError(f"{run_dir}: nothing to resume (no checkpoints/last)")
+
+
+def load_base(model_dir: Path) -> tuple[dict[str, Any], Any, type]:
+    """The model to fine-tune: (config, variables with floats cast to the
+    config's dtype, that dtype: np.float64 or np.float32)."""
+    model_config, variables = load_model(model_dir)
+    dtype = np.float64 if model_config.get("dtype", "float64") == "float64" else np.float32
+    return model_config, _cast(variables, dtype), dtype
+
+
+def read_inputs(
+    train: str | Path, valid: str | Path | None, test: str | Path | None, read_options: dict[str, str],
+) -> tuple[list[Frame], list[Frame] | None, list[Frame]]:
+    """The frames of --train, --valid (None when not given) and --test (empty
+    when not given), each read and checked; DataError naming the energy keys
+    --train has when none of its frames carries an energy."""
+    train_frames = read_frames(Path(train), **read_options)
+    if all(f.energy is None for f in train_frames):  # a wrong --energy-key: name the keys the file has
+        read_frames(Path(train), **read_options, require_energy=True)
+    valid_frames = read_frames(Path(valid), **read_options) if valid is not None else None
+    test_frames = read_frames(Path(test), **read_options) if test is not None else []
+    return train_frames, valid_frames, test_frames
+
+
+def scratch_params(module, graph, seed: int, dtype, params: Any, model_dir: Path) -> Any:
+    """`fresh_params` cast to `dtype` (--method scratch); SparseEqvError unless
+    it has the tree of the model's `params`."""
+    fresh = _cast(fresh_params(module, graph, seed), dtype)
+    if jax.tree.structure(fresh) != jax.tree.structure(params):
+        raise SparseEqvError(f"{model_dir}: a fresh initialisation does not reproduce the model's parameter tree")
+    return fresh
+
+
+def fit_e0s(trainer: Trainer, params: Any, graphs, frames: list[Frame], model_config: dict[str, Any],
+            variables: Any) -> tuple[np.ndarray, Any]:
+    """--e0s fit: the least-squares E0 shift (eV, one per element of the model)
+    of the model with `params` on the training (graphs, frames), and
+    `variables` with the shifted constants."""
+    predictions, _ = trainer.predict(params, graphs, frames)
+    shift = e0s_lib.fit_e0_shift(frames, [p["energy"] for p in predictions], model_config["atomic_numbers"])
+    return shift, e0s_lib.shift_e0s(model_config, variables, shift)
+
+
+def run_info(
+    model_dir: Path,
+    model_config: dict[str, Any],
+    method: MethodOptions,
+    fine_method,
+    config: TrainConfig,
+    *,
+    e0s: str,
+    e0_shift: np.ndarray,
+    train: str | Path,
+    valid: str | Path | None,
+    valid_fraction: float,
+    test: str | Path | None,
+    n_frames: dict[str, int],
+    n_devices: int,
+    magmom: str | None,
+) -> dict[str, Any]:
+    """run.json's content: the run's options, data, frame counts ({"train",
+    "valid", "test"}), targeted leaves and fitted E0 shift (eV per element)."""
+    return {
+        "model": str(model_dir.absolute()),
+        "model_source": model_config.get("source"),
+        "method": method.method,
+        "targets": list(method.targets),
+        "per_path": method.per_path,
+        "targeted_leaves": describe(getattr(fine_method, "targets", ())),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "threshold_decay": config.threshold_decay,
+        "e0s": e0s,
+        "e0_shift_eV": {str(z): float(s) for z, s in zip(model_config["atomic_numbers"], e0_shift)},
+        "data": {"train": str(train), "valid": None if valid is None else str(valid),
+                 "valid_fraction": None if valid is not None else valid_fraction,
+                 "test": None if test is None else str(test)},
+        "n_frames": n_frames,
+        "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(config)},
+        "n_devices": n_devices,
+        "magmom": model_config.get("magmom") if magmom is not None else None,
+    }
+
+
+def check_resume(run_dir: Path, run_json: Path, info: dict[str, Any]) -> None:
+    """SparseEqvError when `info` differs from the run.json written when the run
+    started (`run_json`) in an option a resumed run must keep (_RESUME_KEYS)."""
+    previous = json.loads(run_json.read_text())
+    changed = [k for k in _RESUME_KEYS if previous.get(k) != info.get(k)]
+    if changed:
+        raise SparseEqvError(f"{run_dir}: --resume with different {', '.join(changed)} than the run was started with")
+
+
+def best_metrics(directory: Path, method: str, run: TrainState, trainer: Trainer, valid: tuple, test: tuple,
+                 started: float) -> dict[str, Any]:
+    """metrics.json's content: the best epoch's model (directory/model) evaluated
+    on the validation and test (graphs, frames) with the trainer's constants
+    (test: None without frames), its sparsity (directory/sparsity.json), the
+    run's counters, wall times (s) since `started` (perf_counter) and compilations."""
+    _, best = load_model(directory / "model")
+    return {
+        "method": method,
+        "epochs": run.epoch,
+        "steps": run.step,
+        "best_epoch": run.best_epoch + 1,
+        "early_stopped": run.stopped,
+        "valid": trainer.evaluate(best["params"], *valid),
+        "test": trainer.evaluate(best["params"], *test) if test[1] else None,
+        "sparsity": json.loads((directory / "sparsity.json").read_text())["summary"],
+        "train_wall_s": run.wall,
+        "s_per_epoch": float(np.median([row["epoch_s"] for row in run.history])) if run.history else None,
+        "compiles": dict(trainer.compiles),
+        "n_budgets": len(trainer.budgets),
+        "n_devices": trainer.n_devices,
+        "session_wall_s": time.perf_counter() - started,
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -162,24 +286,12 @@ def finetune(
     started = time.perf_counter()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
     read_options = read_options or {}
-    if e0s not in ("fit", "keep"):
-        raise SparseEqvError(f"--e0s {e0s!r}; known: fit, keep")
-    if run_dir.exists() and not (overwrite or resume):
-        raise SparseEqvError(f"{run_dir}: already exists (pass --resume to continue it or --overwrite to replace it)")
-    if resume and not (run_dir / "checkpoints" / "last").exists():
-        raise SparseEqvError(f"{run_dir}: nothing to resume (no checkpoints/last)")
+    check_run_options(run_dir, e0s, overwrite, resume)
 
-    model_config, variables = load_model(model_dir)
-    dtype = np.float64 if model_config.get("dtype", "float64") == "float64" else np.float32
-    variables = _cast(variables, dtype)
-    train_frames = _read(Path(train), read_options)
-    if all(f.energy is None for f in train_frames):  # a wrong --energy-key: name the keys the file has
-        read_frames(Path(train), **read_options, require_energy=True)
-    if valid is not None:
-        valid_frames = _read(Path(valid), read_options)
-    else:
+    model_config, variables, dtype = load_base(model_dir)
+    train_frames, valid_frames, test_frames = read_inputs(train, valid, test, read_options)
+    if valid_frames is None:
         train_frames, valid_frames = split_frames(train_frames, valid_fraction, config.seed, Path(train))
-    test_frames = _read(Path(test), read_options) if test is not None else []
     numbers, cutoff = model_config["atomic_numbers"], float(model_config["r_max"])
     train_graphs = make_graphs(train_frames, numbers, cutoff)
     valid_graphs = make_graphs(valid_frames, numbers, cutoff)
@@ -194,9 +306,7 @@ def finetune(
     module = build_model(model_config)
     base_params = variables["params"]
     if method.method == "scratch":
-        base_params = _cast(fresh_params(module, train_graphs[0], config.seed), dtype)
-        if jax.tree.structure(base_params) != jax.tree.structure(variables["params"]):
-            raise SparseEqvError(f"{model_dir}: a fresh initialisation does not reproduce the model's parameter tree")
+        base_params = scratch_params(module, train_graphs[0], config.seed, dtype, variables["params"], model_dir)
     start_params = base_params
     if magmom is not None:
         model_config, module, base_params, head_params = magmom_lib.prepare(model_config, base_params, magmom,
@@ -211,43 +321,23 @@ def finetune(
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":
-        predictions, _ = trainer.predict(start_params, train_graphs, train_frames)
-        e0_shift = e0s_lib.fit_e0_shift(train_frames, [p["energy"] for p in predictions], numbers)
-        variables = e0s_lib.shift_e0s(model_config, variables, e0_shift)
+        e0_shift, variables = fit_e0s(trainer, start_params, train_graphs, train_frames, model_config, variables)
         trainer.set_constants(variables["constants"])
 
-    run_info = {
-        "model": str(model_dir.absolute()),
-        "model_source": model_config.get("source"),
-        "method": method.method,
-        "targets": list(method.targets),
-        "per_path": method.per_path,
-        "targeted_leaves": describe(getattr(fine_method, "targets", ())),
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "threshold_decay": config.threshold_decay,
-        "e0s": e0s,
-        "e0_shift_eV": {str(z): float(s) for z, s in zip(numbers, e0_shift)},
-        "data": {"train": str(train), "valid": None if valid is None else str(valid),
-                 "valid_fraction": None if valid is not None else valid_fraction,
-                 "test": None if test is None else str(test)},
-        "n_frames": {"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
-        "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(config)},
-        "n_devices": trainer.n_devices,
-        "magmom": model_config.get("magmom") if magmom is not None else None,
-    }
+    info = run_info(
+        model_dir, model_config, method, fine_method, config, e0s=e0s, e0_shift=e0_shift, train=train, valid=valid,
+        valid_fraction=valid_fraction, test=test,
+        n_frames={"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
+        n_devices=trainer.n_devices, magmom=magmom,
+    )
     if resume:
-        previous = json.loads((run_dir / "run.json").read_text())
-        changed = [k for k in _RESUME_KEYS if previous.get(k) != run_info.get(k)]
-        if changed:
-            raise SparseEqvError(f"{run_dir}: --resume with different {', '.join(changed)} than the run was started with")
+        check_resume(run_dir, run_dir / "run.json", info)
         state = trainer.restore(run_dir / "checkpoints" / "last")
     else:
         distributed.barrier("run directory checked")  # before process 0 creates it
         if distributed.is_primary():
             with atomic_directory(run_dir, overwrite=overwrite) as tmp:
-                (tmp / "run.json").write_text(json.dumps(run_info, indent=1))
+                (tmp / "run.json").write_text(json.dumps(info, indent=1))
         state = trainer.initial_state()
 
     # Only process 0 writes (several hosts: see sparse_eqv.distributed).
@@ -272,23 +362,8 @@ def finetune(
     )
 
     distributed.barrier("best model written")
-    best_config, best_variables = load_model(run_dir / "model")
-    result = {
-        "method": method.method,
-        "epochs": state.epoch,
-        "steps": state.step,
-        "best_epoch": state.best_epoch + 1,
-        "early_stopped": state.stopped,
-        "valid": trainer.evaluate(best_variables["params"], valid_graphs, valid_frames),
-        "test": trainer.evaluate(best_variables["params"], test_graphs, test_frames) if test_frames else None,
-        "sparsity": json.loads((run_dir / "sparsity.json").read_text())["summary"],
-        "train_wall_s": state.wall,
-        "s_per_epoch": float(np.median([row["epoch_s"] for row in state.history])) if state.history else None,
-        "compiles": dict(trainer.compiles),
-        "n_budgets": len(trainer.budgets),
-        "n_devices": trainer.n_devices,
-        "session_wall_s": time.perf_counter() - started,
-    }
+    result = best_metrics(run_dir, method.method, state, trainer, (valid_graphs, valid_frames),
+                          (test_graphs, test_frames), started)
     if distributed.is_primary():
         _write_json(run_dir / "metrics.json", result)
     return result

@@ -52,18 +52,15 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sparse_eqv.atomic_write import atomic_directory
-from sparse_eqv.checkpoint import load_model, pytree_checkpointer
-from sparse_eqv.data.readers import read_frames
+from sparse_eqv.checkpoint import pytree_checkpointer
 from sparse_eqv.errors import CheckpointError, SparseEqvError
-from sparse_eqv.finetune import e0s as e0s_lib
 from sparse_eqv.finetune.loop import (
     ARRAYS_DIR, STATE_FILE, Trainer, TrainConfig, TrainState, make_graphs, save_state,
 )
 from sparse_eqv.finetune.run import (
-    _RESUME_KEYS, MethodOptions, _cast, _read, _write_csv, _write_json, fresh_params, make_method, split_frames,
-    write_best,
+    MethodOptions, _write_csv, _write_json, best_metrics, check_resume, check_run_options, fit_e0s, load_base,
+    make_method, read_inputs, run_info, scratch_params, split_frames, write_best,
 )
-from sparse_eqv.finetune.targets import describe
 from sparse_eqv.models import build_model
 
 VARIANTS_FILE = "variants.json"
@@ -438,22 +435,11 @@ def finetune_variants(
         raise SparseEqvError("--magmom is not supported with several variants (--threshold-decay / --seeds lists)")
     if jax.process_count() > 1:
         raise SparseEqvError("several variants run in one process (no --distributed): use one value per run")
-    if e0s not in ("fit", "keep"):
-        raise SparseEqvError(f"--e0s {e0s!r}; known: fit, keep")
-    if run_dir.exists() and not (overwrite or resume):
-        raise SparseEqvError(f"{run_dir}: already exists (pass --resume to continue it or --overwrite to replace it)")
-    if resume and not (run_dir / "checkpoints" / "last").exists():
-        raise SparseEqvError(f"{run_dir}: nothing to resume (no checkpoints/last)")
+    check_run_options(run_dir, e0s, overwrite, resume)
 
-    model_config, variables = load_model(model_dir)
-    dtype = np.float64 if model_config.get("dtype", "float64") == "float64" else np.float32
-    variables = _cast(variables, dtype)
+    model_config, variables, dtype = load_base(model_dir)
     numbers, cutoff = model_config["atomic_numbers"], float(model_config["r_max"])
-    all_train = _read(Path(train), read_options)
-    if all(f.energy is None for f in all_train):  # a wrong --energy-key: name the keys the file has
-        read_frames(Path(train), **read_options, require_energy=True)
-    valid_frames = _read(Path(valid), read_options) if valid is not None else None
-    test_frames = _read(Path(test), read_options) if test is not None else []
+    all_train, valid_frames, test_frames = read_inputs(train, valid, test, read_options)
     test_graphs = make_graphs(test_frames, numbers, cutoff) if test_frames else []
     splits: dict[int | None, tuple] = {}  # by the seed that split --train (None: --valid given)
     for v in variants:
@@ -471,9 +457,7 @@ def finetune_variants(
             bases[key] = variables["params"]
             if key is not None:
                 (train_graphs, _), _ = data[k]
-                bases[key] = _cast(fresh_params(module, train_graphs[0], v.seed), dtype)
-                if jax.tree.structure(bases[key]) != jax.tree.structure(variables["params"]):
-                    raise SparseEqvError(f"{model_dir}: a fresh initialisation does not reproduce the model's parameter tree")
+                bases[key] = scratch_params(module, train_graphs[0], v.seed, dtype, variables["params"], model_dir)
     base_params = [bases[v.seed if method.method == "scratch" else None] for v in variants]
     fine_method = make_method(method, base_params[0], model_config)
     trainer = VariantTrainer(module, variables["constants"], fine_method, base_params, config, variants,
@@ -485,13 +469,10 @@ def finetune_variants(
     for k, v in enumerate(variants):
         key = (None if valid is not None else v.seed, v.seed if method.method == "scratch" else None)
         if key not in fits:
-            shift = np.zeros(len(numbers))
-            shifted = variables
+            shift, shifted = np.zeros(len(numbers)), variables
             if e0s == "fit":
                 (graphs, frames), _ = data[k]
-                predictions, _ = trainer.predict(base_params[k], graphs, frames)
-                shift = e0s_lib.fit_e0_shift(frames, [p["energy"] for p in predictions], numbers)
-                shifted = e0s_lib.shift_e0s(model_config, variables, shift)
+                shift, shifted = fit_e0s(trainer, base_params[k], graphs, frames, model_config, variables)
             fits[key] = (shift, shifted["constants"])
     e0 = [fits[(None if valid is not None else v.seed, v.seed if method.method == "scratch" else None)] for v in variants]
     trainer.set_variant_constants([constants for _, constants in e0])
@@ -499,28 +480,13 @@ def finetune_variants(
     infos = []
     for k, (v, cfg) in enumerate(zip(variants, trainer.configs)):
         (_, train_frames), (_, variant_valid) = data[k]
-        infos.append({
-            "model": str(model_dir.absolute()),
-            "model_source": model_config.get("source"),
-            "method": method.method,
-            "targets": list(method.targets),
-            "per_path": method.per_path,
-            "targeted_leaves": describe(getattr(fine_method, "targets", ())),
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-            "lr": cfg.lr,
-            "threshold_decay": cfg.threshold_decay,
-            "e0s": e0s,
-            "e0_shift_eV": {str(z): float(s) for z, s in zip(numbers, e0[k][0])},
-            "data": {"train": str(train), "valid": None if valid is None else str(valid),
-                     "valid_fraction": None if valid is not None else valid_fraction,
-                     "test": None if test is None else str(test)},
-            "n_frames": {"train": len(train_frames), "valid": len(variant_valid), "test": len(test_frames)},
-            "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(cfg)},
-            "n_devices": trainer.n_devices,
-            "magmom": None,  # as finetune's run.json without --magmom
-            "variant_of": str(run_dir.absolute()),
-        })
+        info = run_info(
+            model_dir, model_config, method, fine_method, cfg, e0s=e0s, e0_shift=e0[k][0], train=train, valid=valid,
+            valid_fraction=valid_fraction, test=test,
+            n_frames={"train": len(train_frames), "valid": len(variant_valid), "test": len(test_frames)},
+            n_devices=trainer.n_devices, magmom=None,
+        )
+        infos.append({**info, "variant_of": str(run_dir.absolute())})
     overview = {
         "variants": [{"name": n, "threshold_decay": v.threshold_decay, "seed": v.seed} for n, v in zip(names, variants)],
         "shared_batches": trainer.shared_batches,
@@ -531,10 +497,7 @@ def finetune_variants(
         if previous["variants"] != overview["variants"]:
             raise SparseEqvError(f"{run_dir}: --resume with other variants than the run was started with")
         for name, info in zip(names, infos):
-            before = json.loads((run_dir / name / "run.json").read_text())
-            changed = [key for key in _RESUME_KEYS if before.get(key) != info.get(key)]
-            if changed:
-                raise SparseEqvError(f"{run_dir}: --resume with different {', '.join(changed)} than the run was started with")
+            check_resume(run_dir, run_dir / name / "run.json", info)
         state = trainer.restore_variants(run_dir / "checkpoints" / "last")
     else:
         with atomic_directory(run_dir, overwrite=overwrite) as tmp:
@@ -564,26 +527,9 @@ def finetune_variants(
 
     results = {}
     for k, (name, run) in enumerate(zip(names, state.runs)):
-        directory = run_dir / name
-        _, best = load_model(directory / "model")
         trainer.set_constants(trainer.variant_constants[k])
-        result = {
-            "method": method.method,
-            "epochs": run.epoch,
-            "steps": run.step,
-            "best_epoch": run.best_epoch + 1,
-            "early_stopped": run.stopped,
-            "valid": trainer.evaluate(best["params"], *data[k][1]),
-            "test": trainer.evaluate(best["params"], test_graphs, test_frames) if test_frames else None,
-            "sparsity": json.loads((directory / "sparsity.json").read_text())["summary"],
-            "train_wall_s": run.wall,
-            "s_per_epoch": float(np.median([row["epoch_s"] for row in run.history])) if run.history else None,
-            "compiles": dict(trainer.compiles),
-            "n_budgets": len(trainer.budgets),
-            "n_devices": trainer.n_devices,
-            "session_wall_s": time.perf_counter() - started,
-        }
-        _write_json(directory / "metrics.json", result)
+        result = best_metrics(run_dir / name, method.method, run, trainer, data[k][1], (test_graphs, test_frames), started)
+        _write_json(run_dir / name / "metrics.json", result)
         results[name] = {"threshold_decay": variants[k].threshold_decay, "seed": variants[k].seed, **result}
     summary = {
         "variants": results,

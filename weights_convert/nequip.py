@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from sparse_eqv.errors import CheckpointError, UnsupportedModelError
-from weights_convert.sevenn import _act_scale, _Collector, _irreps
+from weights_convert.sevenn import _act_scale, _cg_constants, _Collector, _irreps
 
 _BUILDERS = {
     "nequip.model.NequIPGNNModel",
@@ -171,9 +171,6 @@ def _linear(col: _Collector, where, key: str, linear) -> None:
 
 def convert(path, *, dtype: str = "float64", head: str | None = None, trust: bool = False):
     """nequip `.ckpt` or (trusted) `.nequip.zip` -> (config, variables)."""
-    import torch
-    from e3nn.o3 import wigner_3j
-
     from sparse_eqv.models.nequip import conv_instructions, parse_irreps
 
     path = Path(path)
@@ -274,14 +271,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         norm = conv.avg_num_neighbors_norm.norm_const.detach().double().numpy().reshape(-1)
         col.constant((name, "pre_norm"), np.broadcast_to(norm, (num_types,)))
         col.constant((name, "post_norm"), 1.0)
-        for i in tp.instructions:
-            ls = (tp.irreps_in1[i.i_in1].ir.l, tp.irreps_in2[i.i_in2].ir.l, tp.irreps_out[i.i_out].ir.l)
-            key = f"{prefix}.conv.tp_scatter.tp._compiled_main_left_right._w3j_{ls[0]}_{ls[1]}_{ls[2]}"
-            cg = f"cg_{ls[0]}_{ls[1]}_{ls[2]}"
-            if key in state:
-                col.from_state("constants", (name, cg), key, 0, tuple(state[key].shape))
-            else:  # e3nn's specialised code path (an l = 0) uses this block implicitly
-                col.constant((name, cg), wigner_3j(*ls, dtype=torch.float64).numpy())
+        _cg_constants(col, (name,), f"{prefix}.conv.tp_scatter.tp._compiled_main_left_right", tp)
         layers.append({
             "irreps_in": irreps_in,
             "gate": spec_gate,

@@ -207,6 +207,23 @@ def _fc_tensor_product(col: _Collector, where: tuple[str, ...], key: str, tp) ->
         raise CheckpointError(f"{col.path}: {key} has {col.state[key].numel()} weights, instructions use {start}")
 
 
+def _cg_constants(col: _Collector, where: tuple[str, ...], key: str, tp) -> None:
+    """The Clebsch-Gordan block cg_{l1}_{l2}_{l3} of each instruction of the e3nn
+    TensorProduct `tp`: the checkpoint's buffer `{key}._w3j_{l1}_{l2}_{l3}`, or
+    e3nn's wigner_3j where the checkpoint has none."""
+    import torch
+    from e3nn.o3 import wigner_3j
+
+    for ins in tp.instructions:
+        ls = (tp.irreps_in1[ins.i_in1].ir.l, tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l)
+        buffer = f"{key}._w3j_{ls[0]}_{ls[1]}_{ls[2]}"
+        cg = where + (f"cg_{ls[0]}_{ls[1]}_{ls[2]}",)
+        if buffer in col.state:
+            col.from_state("constants", cg, buffer, 0, tuple(col.state[buffer].shape))
+        else:  # e3nn's specialised code path (an l = 0) uses this block implicitly
+            col.constant(cg, wigner_3j(*ls, dtype=torch.float64).numpy())
+
+
 def _fcn(col: _Collector, where: tuple[str, ...], prefix: str, fcn) -> None:
     """e3nn FullyConnectedNet: leaves layer{k} (h_in, h_out) and its activation constant."""
     for k in range(len(fcn.hs) - 1):
@@ -245,8 +262,6 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         trust: unused; SevenNet checkpoints are read weights-only.
     """
     import sevenn._keys as KEY
-    import torch
-    from e3nn.o3 import wigner_3j
 
 
     bundled = resolve_bundled(str(path))
@@ -322,14 +337,7 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         col.from_state("constants", (name, "post_norm"), f"{t}_convolution.denominator", 0, ())
         col.constant((name, "pre_norm"), np.ones(num_types))
         tp = conv.convolution
-        for ins in tp.instructions:
-            ls = (tp.irreps_in1[ins.i_in1].ir.l, tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l)
-            key = f"{t}_convolution.convolution._compiled_main_left_right._w3j_{ls[0]}_{ls[1]}_{ls[2]}"
-            cg_name = f"cg_{ls[0]}_{ls[1]}_{ls[2]}"
-            if key in state:
-                col.from_state("constants", (name, cg_name), key, 0, tuple(state[key].shape))
-            else:  # e3nn's specialised code path (an l = 0) uses this block implicitly
-                col.constant((name, cg_name), wigner_3j(*ls, dtype=torch.float64).numpy())
+        _cg_constants(col, (name,), f"{t}_convolution.convolution._compiled_main_left_right", tp)
         gate, scales = _gate_spec(mods[f"{t}_equivariant_gate"], act_scalar, act_gate)
         for key, value in scales.items():
             col.constant((name, "gate", key), value)

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sparse_eqv.testing import tiny_sevenn_config
+from sparse_eqv.testing import tiny_sevenn_config, write_extxyz
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,19 +78,9 @@ def make_model(size: str, directory: Path) -> Path:
 
 def write_frames(source: Path, n: int, path: Path) -> Path:
     """The first n labelled frames of `source` as extxyz."""
-    import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-
     from sparse_eqv.data.readers import read_frames
 
-    frames = read_frames(source)[:n]
-    images = []
-    for f in frames:
-        atoms = f.to_atoms()
-        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
-        images.append(atoms)
-    ase.io.write(path, images, format="extxyz")
-    return path
+    return write_extxyz(path, read_frames(source)[:n])
 
 
 def epoch_rows(run_dir: Path) -> list[dict]:

@@ -1,8 +1,11 @@
-"""Small model configs for the tests and the benchmark scripts (random weights, not for use)."""
+"""Small model configs and data files for the tests and the benchmark scripts."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
+
+from sparse_eqv.data.frames import Frame
 
 
 def tiny_sevenn_config() -> dict[str, Any]:
@@ -39,3 +42,17 @@ def tiny_sevenn_config() -> dict[str, Any]:
         ],
         "readout": {"dims": [4, 2, 1], "kind": "e3nn", "act": None},
     }
+
+
+def write_extxyz(path: str | Path, frames: Sequence[Frame]) -> Path:
+    """The frames as extxyz with their energy (eV) and forces (eV/Å) labels; returns `path`."""
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    images = []
+    for f in frames:
+        atoms = f.to_atoms()
+        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
+        images.append(atoms)
+    ase.io.write(path, images, format="extxyz")
+    return Path(path)

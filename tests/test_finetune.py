@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ase.calculators.singlepoint import SinglePointCalculator
 from flax import traverse_util
 
 from sparse_eqv.checkpoint import load_for_inference, load_model, save_model
@@ -31,20 +30,10 @@ from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs, restore_
 from sparse_eqv.finetune.run import MethodOptions, fresh_params, make_method
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
-from sparse_eqv.testing import tiny_sevenn_config
+from sparse_eqv.testing import tiny_sevenn_config, write_extxyz
 
 TINY_CONFIG = tiny_sevenn_config()  # SevenNet architecture, l <= 1, 4 channels, two layers
 EPOCHS, BATCH = 2, 4
-
-
-def write_extxyz(path: Path, frames) -> Path:
-    images = []
-    for f in frames:
-        atoms = f.to_atoms()
-        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
-        images.append(atoms)
-    ase.io.write(path, images, format="extxyz")
-    return path
 
 
 @pytest.fixture(scope="module")

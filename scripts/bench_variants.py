@@ -100,7 +100,6 @@ def steady(rows: list[dict]) -> float | None:
 def time_steps(model: Path, train: Path, decays: list[float], config, repeats: int) -> dict:
     """Seconds per optimiser step on one batch, compiled: K variants in one vmapped
     step vs one plain step (times K for K separate runs); median of `repeats`."""
-    import jax
     import numpy as np
 
     from sparse_eqv.checkpoint import load_model

@@ -39,6 +39,9 @@ Variables:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
+import math
 from typing import Any
 
 import ase.data
@@ -283,16 +286,60 @@ class InteractionBlock(nn.Module):
         return message, sc
 
 
+@functools.lru_cache(maxsize=None)
+def monomial_indices(dim: int, nu: int) -> tuple[np.ndarray, np.ndarray]:
+    """The degree-nu monomials of dim variables, and which entries of a (dim,)*nu tensor each collects.
+
+    Returns:
+        factors (P, nu) int: the variables of each monomial, sorted tuples
+            (P = C(dim + nu - 1, nu));
+        entries (P, nu!) int: flat indices into a (dim,)*nu array of the
+            distinct permutations of each tuple, padded with dim**nu.
+    """
+    tuples = list(itertools.combinations_with_replacement(range(dim), nu))
+    entries = np.full((len(tuples), math.factorial(nu)), dim**nu)
+    for p, t in enumerate(tuples):
+        perms = sorted(set(itertools.permutations(t)))
+        entries[p, : len(perms)] = [np.ravel_multi_index(q, (dim,) * nu) for q in perms]
+    return np.asarray(tuples).reshape(len(tuples), nu), entries
+
+
+def monomials(x: jax.Array, nu: int) -> jax.Array:
+    """(..., D) -> (..., P): every product x_a x_b ... of nu factors with a <= b <= ..."""
+    factors, _ = monomial_indices(x.shape[-1], nu)
+    out = None
+    for j in range(nu):  # selections as one-hot products: their gradients are products too, not scatters
+        factor = x @ jnp.asarray(np.eye(x.shape[-1])[:, factors[:, j]], x.dtype)
+        out = factor if out is None else out * factor
+    return out
+
+
+def monomial_coefficients(u: jax.Array, nu: int) -> jax.Array:
+    """U (M, D, ..., D, K) with nu D axes -> (M, P, K).
+
+    The coefficient of each monomial in sum_{a,b,..} U[m, a, b, .., k] x_a x_b ..:
+    U summed over the distinct permutations of the monomial's indices.
+    """
+    m, dim, k = u.shape[0], u.shape[1], u.shape[-1]
+    flat = jnp.concatenate([u.reshape(m, dim**nu, k), jnp.zeros((m, 1, k), u.dtype)], axis=1)
+    _, entries = monomial_indices(dim, nu)
+    return flat[:, entries, :].sum(axis=2)
+
+
 class SymmetricContraction(nn.Module):
     """mace `SymmetricContraction`: per output irrep, sum_nu of U_nu-contracted nu-fold products.
 
     For each output irrep L (2L+1 = M) and correlation nu, with x (N, C, D)
     the stacked irreps of the input and W_nu[species] (N, K_nu, C):
 
-        out = x . (U_nu_max . W_nu_max)
-        out = x . (U_nu . W_nu + out)       for nu = nu_max - 1, ..., 1
+        out[n, c, m] = sum_nu sum_k W_nu[n, k, c] sum_{a,b,..} U_nu[m, a, b, .., k] x[n, c, a] x[n, c, b] ..
 
-    each `x .` contracting the last of U's D-sized indices, as mace does.
+    which equals mace's nested form (out = x . (U_nu . W_nu + out), nu from
+    the correlation down to 1). It is evaluated in the basis of monomials:
+    the nu-fold product of x has only C(D + nu - 1, nu) distinct entries
+    (816 instead of 4096 for D = 16, nu = 3), and U, summed over index
+    permutations, contracts them in one matrix product per nu, shared by all
+    nodes (mace instead contracts U with each node's weights first).
 
     Attributes:
         num_params: per output irrep, K_nu for nu = 1..correlation (the last
@@ -308,33 +355,26 @@ class SymmetricContraction(nn.Module):
 
     @nn.compact
     def __call__(self, x: e3nn.IrrepsArray, species: jax.Array) -> e3nn.IrrepsArray:
+        """x (N, irreps_in) features, species (N,) element indices -> (N, irreps_out)."""
         irreps_out = e3nn.Irreps(self.irreps_out)
         stacked = _stack_irreps(x)  # (N, C, D)
         n, channels, dim = stacked.shape
+        products = {nu: monomials(stacked, nu) for nu in range(1, self.correlation + 1)}  # (N, C, P_nu)
         chunks = []
-        letters = "abdefghij"
         for (mul, ir), sizes in zip(irreps_out, self.num_params):
             m_shape = (ir.dim,) if ir.l > 0 else ()
-            out = None
+            out = jnp.zeros((n, channels, ir.dim), stacked.dtype)
             for nu in range(self.correlation, 0, -1):
                 k = sizes[nu - 1]
                 u = self.variable(
                     "constants", f"U[{ir},nu={nu}]", lambda s=m_shape + (dim,) * nu + (k,): jnp.zeros(s, self.param_dtype)
                 ).value
-                if ir.l == 0:
-                    u = u[None]
                 w = self.param(
                     f"w[{ir},nu={nu}]", nn.initializers.normal(1.0 / k), (self.num_elements, k, channels), self.param_dtype
                 )
-                w_nodes = w[species]  # (N, K, C)
-                kept = letters[: nu - 1]
-                if out is None:
-                    t = jnp.einsum("zkc,zci->zcki", w_nodes, stacked)
-                    out = jnp.einsum(f"zcki,m{kept}ik->zcm{kept}", t, u)
-                else:
-                    full = letters[:nu]
-                    c_tensor = jnp.einsum(f"m{full}k,zkc->zcm{full}", u, w_nodes) + out
-                    out = jnp.einsum(f"zcm{kept}i,zci->zcm{kept}", c_tensor, stacked)
+                coefficients = monomial_coefficients(u.reshape((ir.dim,) + u.shape[len(m_shape) :]), nu)  # (M, P, K)
+                basis = jnp.einsum("zcp,mpk->zcmk", products[nu], coefficients)
+                out = out + jnp.einsum("zcmk,zkc->zcm", basis, w[species])
             chunks.append(out)  # (N, C, 2L+1)
         return e3nn.from_chunks(irreps_out, chunks, (n,), stacked.dtype)
 

@@ -25,8 +25,8 @@ Rows (per model and dtype, medians of --repeat calls after --warmup untimed ones
                        `mace.tools.train.take_step` with
                        `WeightedEnergyForcesStressLoss(1, 100, 1)`, clip 10, on a
                        batch from mace's data pipeline)
-    first compile      s, JAX only: the first call of each jitted function minus
-                       its steady-state median (i.e. compilation)
+    first compile      s, JAX only: time JAX reports compiling (tracing, lowering,
+                       XLA) during the row's calls, i.e. in the first one
     compiles / epoch   jit compilations of the train step over one epoch of
                        mixed-size frames (= distinct padding budgets; torch: 0)
     peak RSS           MiB of the worker process (resource.getrusage)
@@ -90,25 +90,36 @@ LOSS_WEIGHTS = (1.0, 100.0, 1.0)  # energy per atom, forces, stress (LossWeights
 CLIP_NORM = 10.0  # global gradient norm (TrainConfig.clip_norm)
 
 
-def _timings(fn, repeat: int, warmup: int):
-    """(first call s, median of `repeat` timed calls s, last return value).
+# JAX's compile events (tracing, lowering to MLIR, XLA compilation), summed into "first compile"
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
-    The timed calls follow `warmup` (>= 1) untimed ones, the first of which is
-    timed alone: JAX compiles in it, and TorchScript'ed e3nn modules (in
-    mace-torch and sevenn) profile and optimise their graphs over the first
-    2-3 calls (3.6, 3.8, 2.4 s, then 0.1-0.3 s per call for a small MACE here).
+
+def _timings(fn, repeat: int, warmup: int):
+    """(median of `repeat` timed calls s, last return value).
+
+    The timed calls follow `warmup` (>= 1) untimed ones: JAX compiles in the
+    first, and TorchScript'ed e3nn modules (in mace-torch and sevenn) profile
+    and optimise their graphs over the first 2-3 calls (3.6, 3.8, 2.4 s, then
+    0.1-0.3 s per call for a small MACE here).
     """
-    start = time.perf_counter()
-    value = fn()
-    first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        fn()
+    for _ in range(warmup):
+        value = fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - start)
-    return first, statistics.median(times), value
+    return statistics.median(times), value
+
+
+def _emit(out: dict) -> None:
+    """Print the worker's results so far as one JSON line (the driver keeps the
+    last line, so rows measured before a crash, e.g. out of memory, survive)."""
+    print(json.dumps(out), flush=True)
 
 
 def _peak_rss_mib() -> float:
@@ -182,6 +193,7 @@ def _jax_worker(args) -> dict:
         jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
     import jax.numpy as jnp
+    from jax import monitoring
 
     from sparse_eqv.data.graph import batch_graphs
     from sparse_eqv.finetune import STR
@@ -192,14 +204,25 @@ def _jax_worker(args) -> dict:
 
     out: dict = {"model": args.model, "backend": "jax", "version": f"jax {jax.__version__}", "dtype": args.dtype,
                  "predict_s": {}, "compile_s": {}, "energy_ev": {}}
+    compile_events: list[float] = []
+    monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compile_events.append(seconds) if event in COMPILE_EVENTS else None
+    )
+
+    def timings_and_compile(fn):
+        """_timings(fn) and the seconds JAX spent compiling during those calls."""
+        compile_events.clear()
+        median, value = _timings(fn, args.repeat, args.warmup)
+        return median, value, sum(compile_events)
+
     config, variables = _jax_model(args)
     predictor = Predictor(config, variables)  # what `sparse-eqv predict` and the ASE calculator run
     for name, frame in _frames(args).items():
         graph = batch_graphs([predictor.graph(frame)])
-        first, median, result = _timings(lambda: predictor.predict_graph(graph), args.repeat, args.warmup)
-        out["compile_s"][f"predict {name}"] = first - median
+        median, result, out["compile_s"][f"predict {name}"] = timings_and_compile(lambda: predictor.predict_graph(graph))
         out["predict_s"][name] = median
         out["energy_ev"][name] = float(result["energy"][0])
+    _emit(out)
 
     frames = _train_frames(args)
     graphs = [predictor.graph(f) for f in frames]
@@ -211,9 +234,7 @@ def _jax_worker(args) -> dict:
     )
     state = trainer.initial_state()
     batch, _ = trainer.stack(graphs, list(range(len(graphs))))
-    first, median, _ = _timings(lambda: trainer.train_step(state, batch), args.repeat, args.warmup)
-    out["compile_s"]["train step"] = first - median
-    out["train_step_s"] = median
+    out["train_step_s"], _, out["compile_s"]["train step"] = timings_and_compile(lambda: trainer.train_step(state, batch))
     out["train_atoms"] = sum(len(f.numbers) for f in frames)
     out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
     out["peak_rss_mib"] = _peak_rss_mib()
@@ -298,8 +319,9 @@ def _torch_worker(args) -> dict:
     model.eval()
     for name, frame in _frames(args).items():
         data = data_of(frame)
-        _, out["predict_s"][name], result = _timings(lambda: model(data.clone()), args.repeat, args.warmup)
-        out["energy_ev"][name] = float(result[KEY.PRED_TOTAL_ENERGY])
+        out["predict_s"][name], result = _timings(lambda: model(data.clone()), args.repeat, args.warmup)
+        out["energy_ev"][name] = float(result[KEY.PRED_TOTAL_ENERGY].detach())
+    _emit(out)
 
     frames = _train_frames(args)
     model = build(batched=True)
@@ -319,7 +341,7 @@ def _torch_worker(args) -> dict:
         loss.backward()
         optimizer.step()
 
-    out["train_step_s"] = _timings(step, args.repeat, args.warmup)[1]
+    out["train_step_s"] = _timings(step, args.repeat, args.warmup)[0]
     out["compiles_per_epoch"] = {"compilations": 0}
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
@@ -398,10 +420,11 @@ def _mace_torch_worker(args) -> dict:
     model.eval()
     for name, atoms in zip(_frame_names(args), ase.io.read(directory / "predict.extxyz", index=":")):
         batch = batch_of([atoms])
-        _, out["predict_s"][name], result = _timings(
+        out["predict_s"][name], result = _timings(
             lambda: model(batch.to_dict(), compute_stress=True, training=False), args.repeat, args.warmup
         )
-        out["energy_ev"][name] = float(result["energy"][0])
+        out["energy_ev"][name] = float(result["energy"][0].detach())
+    _emit(out)
 
     model.train()
     atoms_list = ase.io.read(directory / "train.extxyz", index=":")
@@ -415,7 +438,7 @@ def _mace_torch_worker(args) -> dict:
     out["train_step_s"] = _timings(
         lambda: take_step(model, loss, batch, optimizer, None, output_args, CLIP_NORM, torch.device("cpu")),
         args.repeat, args.warmup,
-    )[1]
+    )[0]
     out["compiles_per_epoch"] = {"compilations": 0}
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
@@ -425,7 +448,9 @@ def _mace_torch_worker(args) -> dict:
 
 
 def _run_worker(args, worker: str, model: str, dtype: str, workdir: Path) -> dict:
-    """Run this file as one worker process and return its JSON line (plus wall_s)."""
+    """Run this file as one worker process and return its last JSON line (plus
+    wall_s). A measuring worker that fails keeps the rows it printed before,
+    with "error" set; a failed build raises."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
@@ -439,9 +464,16 @@ def _run_worker(args, worker: str, model: str, dtype: str, workdir: Path) -> dic
     cmd += ["--tiny"] if args.tiny else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
-        raise RuntimeError(f"{model} {worker} {dtype} worker failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if worker == "build":
+            raise RuntimeError(f"{model} build worker failed:\n{proc.stderr[-4000:]}")
+        reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        print(f"{model} {worker} {dtype} worker failed ({reason}); its later rows are missing:\n{proc.stderr[-2000:]}",
+              file=sys.stderr, flush=True)
+    result = json.loads(lines[-1]) if lines else {"model": model, "backend": worker, "dtype": dtype}
+    if proc.returncode != 0:
+        result["error"] = reason
     result["wall_s"] = time.perf_counter() - start
     return result
 
@@ -451,13 +483,13 @@ def table(results: list[dict]) -> str:
     dtypes = sorted({r["dtype"] for r in results}, reverse=True)
     by = {(r["backend"], r["dtype"]): r for r in results}
     rows: list[tuple[str, str, callable]] = []
-    names = [n for n in FRAMES if any(n in r["predict_s"] for r in results)]
+    names = [n for n in FRAMES if any(n in r.get("predict_s", {}) for r in results)]
     for n in names:
-        rows.append((f"predict {n} [s]", n, lambda r, n=n: r["predict_s"].get(n)))
+        rows.append((f"predict {n} [s]", n, lambda r, n=n: r.get("predict_s", {}).get(n)))
     rows.append(("train step, batch [s]", "", lambda r: r.get("train_step_s")))
     rows.append(("first compile, train [s]", "", lambda r: r.get("compile_s", {}).get("train step")))
     rows.append(("first compile, predict max [s]", "", lambda r: max((v for k, v in r.get("compile_s", {}).items() if k.startswith("predict")), default=None)))
-    rows.append(("compiles / epoch", "", lambda r: r["compiles_per_epoch"].get("compilations", r["compiles_per_epoch"].get("budgets"))))
+    rows.append(("compiles / epoch", "", lambda r: r.get("compiles_per_epoch", {}).get("compilations")))
     rows.append(("peak RSS [MiB]", "", lambda r: r.get("peak_rss_mib")))
 
     def fmt(v):
@@ -477,10 +509,15 @@ def table(results: list[dict]) -> str:
 
 
 def energy_differences(results: list[dict]) -> dict[str, float]:
-    """Per dtype: max over the predicted frames of |E_jax - E_torch|, eV."""
-    by = {(r["backend"], r["dtype"]): r["energy_ev"] for r in results}
-    return {dtype: max(abs(energy[name] - by[("torch", dtype)][name]) for name in energy)
-            for (backend, dtype), energy in by.items() if backend == "jax" and ("torch", dtype) in by}
+    """Per dtype: max over the frames both sides predicted of |E_jax - E_torch|, eV."""
+    by = {(r["backend"], r["dtype"]): r.get("energy_ev", {}) for r in results}
+    out = {}
+    for (backend, dtype), energy in by.items():
+        other = by.get(("torch", dtype), {})
+        common = [name for name in energy if name in other]
+        if backend == "jax" and common:
+            out[dtype] = max(abs(energy[name] - other[name]) for name in common)
+    return out
 
 
 def _bench_model(args, model: str, workdir: Path) -> tuple[list[dict], str, dict[str, float]]:
@@ -504,6 +541,9 @@ def _bench_model(args, model: str, workdir: Path) -> tuple[list[dict], str, dict
     differences = {} if args.tiny and model == "sevenn" else energy_differences(results)
     for dtype, diff in differences.items():
         print(f"max |E_jax - E_torch| over the predicted frames, {dtype}: {diff:.2e} eV")
+    for r in results:
+        if "error" in r:
+            print(f"{r['backend']} {r['dtype']}: worker failed ({r['error']}), rows after its last report missing")
     return results, text, differences
 
 

@@ -65,3 +65,16 @@ def test_table_ratios(repo_root):
     assert lines["predict aspirin (21 at.) [s]"][-1] == "0.25"
     assert lines["train step, batch [s]"][-1] == "0.25"
     assert lines["peak RSS [MiB]"][-1] == "0.50"
+
+
+def test_table_keeps_rows_of_a_failed_worker(repo_root):
+    bench = _bench(repo_root)
+    jax_row = {"backend": "jax", "dtype": "float64", "predict_s": {"aspirin (21 at.)": 1.0}, "train_step_s": 2.0,
+               "energy_ev": {"aspirin (21 at.)": -10.0}, "compiles_per_epoch": {"compilations": 2}}
+    # killed (e.g. out of memory) after reporting its predict rows
+    torch_row = {"backend": "torch", "dtype": "float64", "predict_s": {"aspirin (21 at.)": 4.0},
+                 "energy_ev": {"aspirin (21 at.)": -10.5}, "error": "killed by signal 9"}
+    lines = {line.split("  ")[0]: line.split() for line in bench.table([jax_row, torch_row]).splitlines()}
+    assert lines["predict aspirin (21 at.) [s]"][-1] == "0.25"
+    assert lines["train step, batch [s]"][-3:] == ["2.000", "-", "-"]
+    assert bench.energy_differences([jax_row, torch_row]) == {"float64": 0.5}

@@ -157,20 +157,23 @@ def save_state(directory: Path, state: TrainState) -> None:
         (tmp / STATE_FILE).write_text(json.dumps(scalars, indent=1))
 
 
-def restore_state(directory: Path, template: TrainState) -> TrainState:
-    """Read a state saved by `save_state`; `template` gives the tree structure."""
-    treedef = jax.tree.structure(template.arrays())
-    template_leaves = jax.tree.leaves(template.arrays())
-    scalars = json.loads((directory / STATE_FILE).read_text())
-    if scalars.pop("n_leaves") != len(template_leaves):
-        raise CheckpointError(f"{directory}: checkpoint does not match this run's method and model (leaf count)")
+def read_saved_arrays(directory: Path, template_arrays: Any) -> Any:
+    """The array tree written by `save_state`, checked leaf by leaf against `template_arrays`' shapes."""
+    template_leaves = jax.tree.leaves(template_arrays)
     arrays = pytree_checkpointer().restore((directory / ARRAYS_DIR).absolute())
     leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
     for i, (a, b) in enumerate(zip(leaves, template_leaves)):
         if a.shape != np.shape(b):
             raise CheckpointError(f"{directory}: leaf {i} has shape {a.shape}, this run expects {np.shape(b)}")
-    restored = jax.tree.unflatten(treedef, leaves)
-    return TrainState(**restored, **scalars)
+    return jax.tree.unflatten(jax.tree.structure(template_arrays), leaves)
+
+
+def restore_state(directory: Path, template: TrainState) -> TrainState:
+    """Read a state saved by `save_state`; `template` gives the tree structure."""
+    scalars = json.loads((directory / STATE_FILE).read_text())
+    if scalars.pop("n_leaves") != len(jax.tree.leaves(template.arrays())):
+        raise CheckpointError(f"{directory}: checkpoint does not match this run's method and model (leaf count)")
+    return TrainState(**read_saved_arrays(directory, template.arrays()), **scalars)
 
 
 def make_graphs(frames: Sequence[Frame], atomic_numbers: Sequence[int], cutoff: float) -> list[jraph.GraphsTuple]:

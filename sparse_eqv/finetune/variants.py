@@ -52,10 +52,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sparse_eqv.atomic_write import atomic_directory
-from sparse_eqv.checkpoint import pytree_checkpointer
 from sparse_eqv.errors import CheckpointError, SparseEqvError
 from sparse_eqv.finetune.loop import (
-    ARRAYS_DIR, STATE_FILE, Trainer, TrainConfig, TrainState, make_graphs, save_state,
+    STATE_FILE, Trainer, TrainConfig, TrainState, make_graphs, read_saved_arrays, save_state,
 )
 from sparse_eqv.finetune.run import (
     MethodOptions, _write_csv, _write_json, best_metrics, check_resume, check_run_options, fit_e0s, load_base,
@@ -147,18 +146,13 @@ class VariantState:
 
 def restore_variant_state(directory: Path, template: VariantState) -> VariantState:
     """Read a state written by `save_state(directory, variant_state)`."""
-    treedef = jax.tree.structure(template.arrays())
-    template_leaves = jax.tree.leaves(template.arrays())
     scalars = json.loads((directory / STATE_FILE).read_text())
-    if scalars.get("n_leaves") != len(template_leaves) or len(scalars.get("runs", ())) != len(template.runs):
+    if scalars.get("n_leaves") != len(jax.tree.leaves(template.arrays())) or len(scalars.get("runs", ())) != len(
+        template.runs
+    ):
         raise CheckpointError(f"{directory}: checkpoint does not match this run's variants, method and model")
-    arrays = pytree_checkpointer().restore((directory / ARRAYS_DIR).absolute())
-    leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
-    for i, (a, b) in enumerate(zip(leaves, template_leaves)):
-        if a.shape != np.shape(b):
-            raise CheckpointError(f"{directory}: leaf {i} has shape {a.shape}, this run expects {np.shape(b)}")
     runs = [TrainState(tree=None, opt_state=None, ema=None, **run) for run in scalars["runs"]]
-    return VariantState(**jax.tree.unflatten(treedef, leaves), runs=runs)
+    return VariantState(**read_saved_arrays(directory, template.arrays()), runs=runs)
 
 
 class VariantTrainer(Trainer):

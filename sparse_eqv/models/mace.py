@@ -272,7 +272,10 @@ class InteractionBlock(nn.Module):
         mji = TensorProduct(
             str(irreps_in), str(irreps_edge), str(irreps_mid), tuple(instructions), self.param_dtype, name="conv_tp"
         )(sent, edge_attrs, tp_weights)
-        message = e3nn.IrrepsArray(irreps_mid, _segment_sum(mji.array, receivers, n_nodes))
+        # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
+        message = e3nn.from_chunks(
+            irreps_mid, [None if c is None else _segment_sum(c, receivers, n_nodes) for c in mji.chunks], (n_nodes,), mji.dtype
+        )
         message = Linear(str(irreps_mid), self.target_irreps, self.param_dtype, name="linear")(message)
         if density:
             message = e3nn.IrrepsArray(message.irreps, message.array / (node_density + 1))

@@ -408,8 +408,8 @@ class Interaction(nn.Module):
             w = weights[:, offset : offset + m]
             offset += m
             mid[k] = jnp.einsum("eui,eik->euk", x_j[i], y_cg[(l1, j, l3)]) * w[:, :, None]
-        messages = flat(mid)
-        x = jax.ops.segment_sum(messages, receivers, num_segments=n_node)
+        # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
+        x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node) for m in mid])
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value
         x = x / post_norm
 

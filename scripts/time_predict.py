@@ -65,7 +65,7 @@ def time_jax(args) -> dict:
 
     batches = [as_dtype(batch_graphs([graphs[i] for i in g], budget)) for g in groups]
     module = build_model(config)
-    predict = jax.jit(lambda v, g: energy_forces_stress(module.apply, v, g))
+    predict = jax.jit(lambda v, g: energy_forces_stress(module.apply, v, g, cutoff=config["r_max"]))
     start = time.perf_counter()
     compiled = predict.lower(variables, batches[0]).compile()
     compile_s = time.perf_counter() - start

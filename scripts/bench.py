@@ -186,20 +186,36 @@ def _jax_model(args) -> tuple[dict, dict]:
     return config, variables
 
 
+def str_trainer(args, config: dict, predictor):
+    """(Trainer, TrainState, batch) of the "train step" row: STR on the 4 training frames, one device."""
+    import jax.numpy as jnp
+
+    from sparse_eqv.finetune import STR
+    from sparse_eqv.finetune.loop import Trainer, TrainConfig
+    from sparse_eqv.finetune.losses import LossWeights
+    from sparse_eqv.finetune.targets import select_targets
+
+    frames = _train_frames(args)
+    graphs = [predictor.graph(f) for f in frames]
+    params = predictor.variables["params"]
+    trainer = Trainer(
+        predictor.module, predictor.variables["constants"], STR(select_targets(params, config, ["default"])), params,
+        TrainConfig(batch_size=len(frames), clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
+        n_devices=1, dtype=jnp.dtype(args.dtype), cutoff=predictor.cutoff,
+    )
+    batch, _ = trainer.stack(graphs, list(range(len(graphs))))
+    return trainer, trainer.initial_state(), batch
+
+
 def _jax_worker(args) -> dict:
     import jax
 
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
-    import jax.numpy as jnp
     from jax import monitoring
 
     from sparse_eqv.data.graph import batch_graphs
-    from sparse_eqv.finetune import STR
-    from sparse_eqv.finetune.loop import Trainer, TrainConfig
-    from sparse_eqv.finetune.losses import LossWeights
-    from sparse_eqv.finetune.targets import select_targets
     from sparse_eqv.inference import Predictor
 
     out: dict = {"model": args.model, "backend": "jax", "version": f"jax {jax.__version__}", "dtype": args.dtype,
@@ -224,18 +240,9 @@ def _jax_worker(args) -> dict:
         out["energy_ev"][name] = float(result["energy"][0])
     _emit(out)
 
-    frames = _train_frames(args)
-    graphs = [predictor.graph(f) for f in frames]
-    params = predictor.variables["params"]
-    trainer = Trainer(
-        predictor.module, predictor.variables["constants"], STR(select_targets(params, config, ["default"])), params,
-        TrainConfig(batch_size=len(frames), clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
-        n_devices=1, dtype=jnp.dtype(args.dtype), cutoff=predictor.cutoff,
-    )
-    state = trainer.initial_state()
-    batch, _ = trainer.stack(graphs, list(range(len(graphs))))
+    trainer, state, batch = str_trainer(args, config, predictor)
     out["train_step_s"], _, out["compile_s"]["train step"] = timings_and_compile(lambda: trainer.train_step(state, batch))
-    out["train_atoms"] = sum(len(f.numbers) for f in frames)
+    out["train_atoms"] = sum(len(f.numbers) for f in _train_frames(args))
     out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
     out["peak_rss_mib"] = _peak_rss_mib()
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 
 def _bench(repo_root):
@@ -78,3 +80,19 @@ def test_table_keeps_rows_of_a_failed_worker(repo_root):
     assert lines["predict aspirin (21 at.) [s]"][-1] == "0.25"
     assert lines["train step, batch [s]"][-3:] == ["2.000", "-", "-"]
     assert bench.energy_differences([jax_row, torch_row]) == {"float64": 0.5}
+
+
+def test_profile_ops_tiny_train_step(repo_root, shared_data, tmp_path):
+    """scripts/profile_ops.py joins the trace with the HLO: op kinds with time, dots among them.
+
+    A subprocess: XLA reads the HLO-dump flag only when JAX starts its backend.
+    """
+    out = tmp_path / "ops.json"
+    run = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "profile_ops.py"), "sevenn", "--tiny", "--json", str(out)],
+        capture_output=True, text=True, check=True, cwd=repo_root,
+    )
+    report = json.loads(out.read_text())
+    assert report["by_kind_ms"]["dot"][0] > 0 and report["by_kind_ms"]["dot"][1] > 0
+    assert sum(ms for ms, _ in report["by_shape_ms"].values()) > 0
+    assert "by op kind and output shape" in run.stdout

@@ -1,6 +1,6 @@
 """sparse_eqv: sparsity-promoting fine-tuning of equivariant interatomic potentials in JAX."""
 
-from sparse_eqv.runtime import prefer_xla_cpu_emitters
+from sparse_eqv.xla_flags import prefer_xla_cpu_emitters
 
 prefer_xla_cpu_emitters()
 

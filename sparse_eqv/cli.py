@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from sparse_eqv.errors import SparseEqvError
-from sparse_eqv.runtime import reexec_with_malloc_hugepages
 
 
 def _enable_x64() -> None:
@@ -363,13 +362,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; argv None means this process's command line (the `sparse-eqv` command).
-
-    For a command line, the process first re-executes itself with glibc's
-    malloc on huge pages (`sparse_eqv.runtime`: a faster training step).
-    """
-    if argv is None:
-        reexec_with_malloc_hugepages("sparse_eqv.cli")
     args = build_parser().parse_args(argv)
     _enable_x64()
     try:

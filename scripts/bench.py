@@ -186,8 +186,24 @@ def _jax_model(args) -> tuple[dict, dict]:
     return config, variables
 
 
-def str_trainer(args, config: dict, predictor):
-    """(Trainer, TrainState, batch) of the "train step" row: STR on the 4 training frames, one device."""
+def jax_predictor(args) -> tuple[dict, object]:
+    """(config, Predictor) of args.model in args.dtype, JAX configured as for every JAX row.
+
+    The Predictor is what `sparse-eqv predict` and the ASE calculator run.
+    """
+    import jax
+
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from sparse_eqv.inference import Predictor
+
+    config, variables = _jax_model(args)
+    return config, Predictor(config, variables)
+
+
+def str_trainer(args, config: dict, predictor, frames) -> tuple:
+    """(Trainer, TrainState, batch) of the "train step" row: STR on `frames` as one batch, one device."""
     import jax.numpy as jnp
 
     from sparse_eqv.finetune import STR
@@ -195,7 +211,6 @@ def str_trainer(args, config: dict, predictor):
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.targets import select_targets
 
-    frames = _train_frames(args)
     graphs = [predictor.graph(f) for f in frames]
     params = predictor.variables["params"]
     trainer = Trainer(
@@ -208,15 +223,11 @@ def str_trainer(args, config: dict, predictor):
 
 
 def _jax_worker(args) -> dict:
+    config, predictor = jax_predictor(args)
     import jax
-
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_default_matmul_precision", "highest")
     from jax import monitoring
 
     from sparse_eqv.data.graph import batch_graphs
-    from sparse_eqv.inference import Predictor
 
     out: dict = {"model": args.model, "backend": "jax", "version": f"jax {jax.__version__}", "dtype": args.dtype,
                  "predict_s": {}, "compile_s": {}, "energy_ev": {}}
@@ -231,8 +242,6 @@ def _jax_worker(args) -> dict:
         median, value = _timings(fn, args.repeat, args.warmup)
         return median, value, sum(compile_events)
 
-    config, variables = _jax_model(args)
-    predictor = Predictor(config, variables)  # what `sparse-eqv predict` and the ASE calculator run
     for name, frame in _frames(args).items():
         graph = batch_graphs([predictor.graph(frame)])
         median, result, out["compile_s"][f"predict {name}"] = timings_and_compile(lambda: predictor.predict_graph(graph))
@@ -240,9 +249,10 @@ def _jax_worker(args) -> dict:
         out["energy_ev"][name] = float(result["energy"][0])
     _emit(out)
 
-    trainer, state, batch = str_trainer(args, config, predictor)
+    frames = _train_frames(args)
+    trainer, state, batch = str_trainer(args, config, predictor, frames)
     out["train_step_s"], _, out["compile_s"]["train step"] = timings_and_compile(lambda: trainer.train_step(state, batch))
-    out["train_atoms"] = sum(len(f.numbers) for f in _train_frames(args))
+    out["train_atoms"] = sum(len(f.numbers) for f in frames)
     out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
     out["peak_rss_mib"] = _peak_rss_mib()
     return out

@@ -41,8 +41,9 @@ def hlo_instructions(dump_dir: Path) -> dict[tuple[str, str], str]:
     """(module name, instruction name) -> its HLO text, from the optimised modules in dump_dir."""
     out = {}
     for path in dump_dir.glob("*after_optimizations.txt"):
-        module = re.search(r"HloModule ([\w.\-]+)", path.read_text(errors="replace")).group(1)
-        for line in path.read_text(errors="replace").splitlines():
+        text = path.read_text(errors="replace")
+        module = re.search(r"HloModule ([\w.\-]+)", text).group(1)
+        for line in text.splitlines():
             match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", line)
             if match:
                 out.setdefault((module, match.group(1)), match.group(2))
@@ -100,22 +101,17 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text".strip()
     import jax
 
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_default_matmul_precision", "highest")
     from sparse_eqv.data.graph import batch_graphs
-    from sparse_eqv.inference import Predictor
 
     bench = _bench()
     setup = argparse.Namespace(model=args.model, tiny=args.tiny, dtype=args.dtype, mace_file=args.mace_model)
-    config, variables = bench._jax_model(setup)
-    predictor = Predictor(config, variables)
+    config, predictor = bench.jax_predictor(setup)
     if args.row == "predict":
         frame = bench._frames(setup)[bench.TINY_FRAME if args.tiny else PREDICT_FRAME]
         graph = batch_graphs([predictor.graph(frame)])
         step = lambda: jax.block_until_ready(predictor.predict_graph(graph))  # noqa: E731
     else:
-        trainer, state, batch = bench.str_trainer(setup, config, predictor)
+        trainer, state, batch = bench.str_trainer(setup, config, predictor, bench._train_frames(setup))
         step = lambda: trainer.train_step(state, batch)  # noqa: E731
     step()
     step()

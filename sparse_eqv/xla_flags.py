@@ -19,11 +19,12 @@ The option is CPU-only; GPU and TPU backends ignore it.
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 
 YNN_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def prefer_xla_cpu_emitters(environ: dict[str, str] = os.environ) -> None:
+def prefer_xla_cpu_emitters(environ: MutableMapping[str, str] = os.environ) -> None:
     """Append YNN_OFF to environ["XLA_FLAGS"] unless it already sets a YNNPACK fusion type."""
     flags = environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:

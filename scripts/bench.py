@@ -136,12 +136,15 @@ def _frames(args):
     return {name: read_frames(DATA / FRAMES[name][0])[FRAMES[name][1]] for name in _frame_names(args)}
 
 
-def _train_frames(args):
+def _train_dataset(args):
+    """The fine-tuning set the training batch is drawn from (its padding budgets are capped by it)."""
     from sparse_eqv.data.readers import read_frames
 
-    if args.tiny:
-        return read_frames(DATA / FRAMES[TINY_FRAME][0])[:2]
-    return read_frames(DATA / TRAIN_FRAMES)[:4]
+    return read_frames(DATA / (FRAMES[TINY_FRAME][0] if args.tiny else TRAIN_FRAMES))
+
+
+def _train_frames(args):
+    return _train_dataset(args)[: 2 if args.tiny else 4]
 
 
 def tiny_config() -> dict:
@@ -202,8 +205,9 @@ def jax_predictor(args) -> tuple[dict, object]:
     return config, Predictor(config, variables)
 
 
-def str_trainer(args, config: dict, predictor, frames) -> tuple:
-    """(Trainer, TrainState, batch) of the "train step" row: STR on `frames` as one batch, one device."""
+def str_trainer(args, config: dict, predictor, frames, dataset) -> tuple:
+    """(Trainer, TrainState, batch) of the "train step" row: STR on `frames` as one batch, one device,
+    padding budgets capped by the fine-tuning set `dataset` as `sparse-eqv finetune` caps them."""
     import jax.numpy as jnp
 
     from sparse_eqv.finetune import STR
@@ -218,6 +222,7 @@ def str_trainer(args, config: dict, predictor, frames) -> tuple:
         TrainConfig(batch_size=len(frames), clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
         n_devices=1, dtype=jnp.dtype(args.dtype), cutoff=predictor.cutoff,
     )
+    trainer.cap_budgets([predictor.graph(f) for f in dataset])
     batch, _ = trainer.stack(graphs, list(range(len(graphs))))
     return trainer, trainer.initial_state(), batch
 
@@ -250,7 +255,8 @@ def _jax_worker(args) -> dict:
     _emit(out)
 
     frames = _train_frames(args)
-    trainer, state, batch = str_trainer(args, config, predictor, frames)
+    trainer, state, batch = str_trainer(args, config, predictor, frames, _train_dataset(args))
+    out["train_budget"] = dataclasses.asdict(next(iter(trainer.budgets)))
     out["train_step_s"], _, out["compile_s"]["train step"] = timings_and_compile(lambda: trainer.train_step(state, batch))
     out["train_atoms"] = sum(len(f.numbers) for f in frames)
     out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
@@ -275,12 +281,14 @@ def _epoch_compiles(args, predictor, trainer) -> dict:
     else:
         frames = [f for path in EPOCH_FILES for f in read_frames(DATA / path)]
     graphs = [predictor.graph(f) for f in frames]
-    seen = set(trainer.budgets)
+    seen, cap = set(trainer.budgets), trainer.budget_cap
     trainer.budgets.clear()
+    trainer.cap_budgets(graphs)
     for indices in trainer.epoch_batches(len(graphs), 0):
         trainer.stack(graphs, indices)
     budgets = set(trainer.budgets)
     trainer.budgets |= seen
+    trainer.budget_cap = cap
     return {"frames": len(frames), "sizes": sorted({len(f.numbers) for f in frames}), "batches": -(-len(frames) // trainer.config.batch_size),
             "compilations": len(budgets)}
 

@@ -67,6 +67,25 @@ def test_padding_budget_bounds_shapes(shared_data):
         batch_graphs(graphs, GraphBudget(10, 10, 2))
 
 
+def test_budget_cap_fits_every_batch_and_trims_the_grid(shared_data):
+    frames = read_frames(shared_data / "cu" / "mlearn_Cu_test.json")
+    graphs = [frame_to_graph(f, [29], 5.0) for f in frames]
+    cap = GraphBudget.fitting_any(graphs, 4)
+    largest = sorted(graphs, key=lambda g: -int(g.n_node[0]))[:4]
+    assert cap.n_node == sum(int(g.n_node[0]) for g in largest) + 1 and cap.n_graph == 5
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        batch = [graphs[i] for i in rng.choice(len(graphs), 4, replace=False)]
+        grid = GraphBudget.round_up(sum(int(g.n_node[0]) for g in batch), sum(int(g.n_edge[0]) for g in batch), 4)
+        budget = grid.at_most(cap)
+        assert budget.n_node <= grid.n_node and budget.n_edge <= grid.n_edge
+        padded = batch_graphs(batch, budget)
+        assert int(padded.n_node.sum()) == budget.n_node
+    grid = GraphBudget.round_up(sum(int(g.n_node[0]) for g in largest), sum(int(g.n_edge[0]) for g in largest), 4)
+    assert grid.at_most(cap) == cap != grid  # the 4 largest frames: padded by one node, not to the grid
+    assert grid.at_most(None) == grid
+
+
 def test_unknown_element_names_element_and_frame(shared_data):
     frame = read_frames(shared_data / "rmd17" / "rmd17_aspirin_test_01.npz")[7]
     with pytest.raises(DataError, match=r"rmd17_aspirin_test_01.npz:7: element O \(Z=8\)"):

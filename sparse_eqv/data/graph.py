@@ -142,6 +142,19 @@ class GraphBudget:
 
         return GraphBudget(grid(n_node + 1), grid(n_edge + 1), grid(n_graph + 1, start=2))
 
+    def at_most(self, cap: "GraphBudget | None") -> "GraphBudget":
+        """This budget, each size lowered to `cap`'s where that is smaller (None: unchanged)."""
+        if cap is None:
+            return self
+        return GraphBudget(min(self.n_node, cap.n_node), min(self.n_edge, cap.n_edge), min(self.n_graph, cap.n_graph))
+
+    @staticmethod
+    def fitting_any(graphs: Sequence[jraph.GraphsTuple], size: int) -> "GraphBudget":
+        """The smallest budget that fits any `size` of these single-frame graphs."""
+        nodes = sorted((int(g.n_node[0]) for g in graphs), reverse=True)
+        edges = sorted((int(g.n_edge[0]) for g in graphs), reverse=True)
+        return GraphBudget(sum(nodes[:size]) + 1, sum(edges[:size]), size + 1)
+
 
 def batch_graphs(graphs: Sequence[jraph.GraphsTuple], budget: GraphBudget | None = None) -> jraph.GraphsTuple:
     """Concatenate graphs and pad them to `budget` (default: rounded up).

@@ -318,6 +318,8 @@ def finetune(
                       dtype=jnp.dtype(dtype), cutoff=cutoff)
     if config.one_budget:
         trainer.fix_budget(train_graphs, valid_graphs, test_graphs)
+    else:
+        trainer.cap_budgets(train_graphs, valid_graphs, test_graphs)
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":

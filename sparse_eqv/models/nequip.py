@@ -99,6 +99,18 @@ def flat(blocks: Sequence[jax.Array]) -> jax.Array:
     return jnp.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
 
 
+def channel_minor(blocks: Sequence[jax.Array], rows: jax.Array) -> list[jax.Array]:
+    """Per-chunk (N, mul, 2l+1) blocks -> rows `rows` (E,) of each as (E, 2l+1, mul), gathered once."""
+    n = blocks[0].shape[0]
+    gathered = jnp.concatenate([b.transpose(0, 2, 1).reshape(n, -1) for b in blocks], axis=1)[rows]
+    out, start = [], 0
+    for b in blocks:
+        size = b.shape[1] * b.shape[2]
+        out.append(gathered[:, start : start + size].reshape(-1, b.shape[2], b.shape[1]))
+        start += size
+    return out
+
+
 def conv_instructions(
     irreps_in: Irreps, irreps_sh: Irreps, irreps_out: Irreps, sort_by_output: bool
 ) -> tuple[list[tuple[int, int, int]], Irreps]:
@@ -390,7 +402,10 @@ class Interaction(nn.Module):
         weights = MLP(
             dataclasses.replace(spec.radial, dims=spec.radial.dims + (n_weights,)), name="radial"
         )(radial_basis)
-        x_j = chunks(x[senders], irr_in)
+        # The convolution runs channel-minor: per irrep (E, 2l+1, mul), so every per-edge product is an
+        # elementwise loop over contiguous channels and its cotangents reduce over contiguous channels
+        # (SevenNet-0, float32 STR train step on 4 x 107 Cu atoms: 3.4-3.7 -> 2.2-2.6 s on 2 cores).
+        x_j = channel_minor(chunks(x, irr_in), senders)
         y = chunks(sh, irr_sh)
         mid: list[Any] = [None] * len(irr_mid)
         y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
@@ -405,11 +420,12 @@ class Interaction(nn.Module):
                 ).value
                 # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
                 y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
-            w = weights[:, offset : offset + m]
+            w = weights[:, None, offset : offset + m]
             offset += m
-            mid[k] = jnp.einsum("eui,eik->euk", x_j[i], y_cg[(l1, j, l3)]) * w[:, :, None]
+            a = y_cg[(l1, j, l3)]
+            mid[k] = sum(a[:, q, :, None] * x_j[i][:, q, None, :] for q in range(2 * l1 + 1)) * w  # (E, 2l3+1, mul)
         # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
-        x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node) for m in mid])
+        x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node).transpose(0, 2, 1) for m in mid])
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value
         x = x / post_norm
 

@@ -71,18 +71,20 @@ def test_budget_cap_fits_every_batch_and_trims_the_grid(shared_data):
     frames = read_frames(shared_data / "cu" / "mlearn_Cu_test.json")
     graphs = [frame_to_graph(f, [29], 5.0) for f in frames]
     cap = GraphBudget.fitting_any(graphs, 4)
-    largest = sorted(graphs, key=lambda g: -int(g.n_node[0]))[:4]
-    assert cap.n_node == sum(int(g.n_node[0]) for g in largest) + 1 and cap.n_graph == 5
+    largest = [max(graphs, key=lambda g: int(g.n_edge[0]))] * 4  # a short batch filled with copies of its frame
+    assert cap.n_edge == sum(int(g.n_edge[0]) for g in largest) and cap.n_graph == 5
+    assert cap.n_node == 4 * max(int(g.n_node[0]) for g in graphs) + 1
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        batch = [graphs[i] for i in rng.choice(len(graphs), 4, replace=False)]
+    for replace in [False] * 10 + [True] * 10:
+        batch = [graphs[i] for i in rng.choice(len(graphs), 4, replace=replace)]
         grid = GraphBudget.round_up(sum(int(g.n_node[0]) for g in batch), sum(int(g.n_edge[0]) for g in batch), 4)
         budget = grid.at_most(cap)
         assert budget.n_node <= grid.n_node and budget.n_edge <= grid.n_edge
         padded = batch_graphs(batch, budget)
         assert int(padded.n_node.sum()) == budget.n_node
     grid = GraphBudget.round_up(sum(int(g.n_node[0]) for g in largest), sum(int(g.n_edge[0]) for g in largest), 4)
-    assert grid.at_most(cap) == cap != grid  # the 4 largest frames: padded by one node, not to the grid
+    assert grid.at_most(cap) == cap != grid  # the largest batch: padded by one node, not to the grid
+    batch_graphs(largest, grid.at_most(cap))
     assert grid.at_most(None) == grid
 
 

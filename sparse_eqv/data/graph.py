@@ -150,10 +150,11 @@ class GraphBudget:
 
     @staticmethod
     def fitting_any(graphs: Sequence[jraph.GraphsTuple], size: int) -> "GraphBudget":
-        """The smallest budget that fits any `size` of these single-frame graphs."""
-        nodes = sorted((int(g.n_node[0]) for g in graphs), reverse=True)
-        edges = sorted((int(g.n_edge[0]) for g in graphs), reverse=True)
-        return GraphBudget(sum(nodes[:size]) + 1, sum(edges[:size]), size + 1)
+        """The smallest budget that fits any `size` of these single-frame graphs, repeats
+        allowed (the trainer fills a short batch with copies of its frames)."""
+        n_node = max(int(g.n_node[0]) for g in graphs)
+        n_edge = max(int(g.n_edge[0]) for g in graphs)
+        return GraphBudget(size * n_node + 1, size * n_edge, size + 1)
 
 
 def batch_graphs(graphs: Sequence[jraph.GraphsTuple], budget: GraphBudget | None = None) -> jraph.GraphsTuple:

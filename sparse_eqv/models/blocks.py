@@ -224,6 +224,19 @@ def _zeros_if_none(chunk: jax.Array | None, shape: tuple[int, ...], dtype) -> ja
     return jnp.zeros(shape, dtype) if chunk is None else chunk
 
 
+def split_last(x: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+    """(..., sum(sizes)) -> [(..., size)] as one `split`: its cotangent is one concatenation,
+    where slices' cotangents would each be zero-padded to the full width and added."""
+    return jnp.split(x, np.cumsum(sizes)[:-1].tolist(), axis=-1) if len(sizes) > 1 else [x]
+
+
+def irreps_chunks(x: e3nn.IrrepsArray) -> list[jax.Array | None]:
+    """`x.chunks` ((..., mul, 2l+1) per irrep, None where mul is 0) from one `split` of x.array."""
+    parts = split_last(x.array, [m.dim for m in x.irreps])
+    lead = x.shape[:-1]
+    return [p.reshape(lead + (m.mul, m.ir.dim)) if m.dim else None for p, m in zip(parts, x.irreps)]
+
+
 # ---------------------------------------------------------------------------
 # e3nn.o3.Linear
 # ---------------------------------------------------------------------------
@@ -423,13 +436,14 @@ def tensor_product(
     """
     batch = x1.shape[0]
     dtype = x1.dtype
+    chunks1, chunks2 = irreps_chunks(x1), irreps_chunks(x2)
     outputs: list[list[jax.Array]] = [[] for _ in irreps_out]
     for ins, w in zip(instructions, weights):
         m1, m2, mo = x1.irreps[ins.i_in1], x2.irreps[ins.i_in2], irreps_out[ins.i_out]
         if m1.dim == 0 or m2.dim == 0 or mo.dim == 0:
             continue
-        a = _zeros_if_none(x1.chunks[ins.i_in1], (batch, m1.mul, m1.ir.dim), dtype)
-        b = _zeros_if_none(x2.chunks[ins.i_in2], (batch, m2.mul, m2.ir.dim), dtype)
+        a = _zeros_if_none(chunks1[ins.i_in1], (batch, m1.mul, m1.ir.dim), dtype)
+        b = _zeros_if_none(chunks2[ins.i_in2], (batch, m2.mul, m2.ir.dim), dtype)
         l1, l2, lo = m1.ir.l, m2.ir.l, mo.ir.l
         if not ins.has_weight:
             raise ValueError("tensor_product: instructions without weight are not implemented")
@@ -566,12 +580,9 @@ class TensorProduct(nn.Module):
         in1, in2, out = e3nn.Irreps(self.irreps_in1), e3nn.Irreps(self.irreps_in2), e3nn.Irreps(self.irreps_out)
         instructions = tp_path_weights(in1, in2, out, self.instructions)
         batch = weights.shape[0]
-        per_path = [
-            weights[:, ins.start : ins.start + int(np.prod(ins.shape))].reshape((batch,) + ins.shape)
-            if ins.has_weight
-            else None
-            for ins in instructions
-        ]
+        weighted = [ins for ins in instructions if ins.has_weight]
+        parts = iter(split_last(weights, [int(np.prod(ins.shape)) for ins in weighted]))
+        per_path = [next(parts).reshape((batch,) + ins.shape) if ins.has_weight else None for ins in instructions]
         w3j = {
             key: self.variable(
                 "constants", w3j_name(key), lambda k=key: jnp.asarray(e3nn.clebsch_gordan(*k), self.param_dtype)

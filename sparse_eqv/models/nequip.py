@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
+from sparse_eqv.models.blocks import split_last
 
 Irreps = tuple[tuple[int, int, int], ...]  # ((mul, l, p), ...), p = +1 even / -1 odd
 
@@ -87,12 +88,8 @@ def ir_product(l1: int, p1: int, l2: int, p2: int) -> list[tuple[int, int]]:
 
 def chunks(x: jax.Array, irreps: Irreps) -> list[jax.Array]:
     """Split a flat (N, dim) array into per-chunk (N, mul, 2l+1) views."""
-    out, start = [], 0
-    for m, l, _ in irreps:
-        d = 2 * l + 1
-        out.append(x[:, start : start + m * d].reshape(x.shape[0], m, d))
-        start += m * d
-    return out
+    parts = split_last(x, [m * (2 * l + 1) for m, l, _ in irreps])
+    return [part.reshape(x.shape[0], m, 2 * l + 1) for part, (m, l, _) in zip(parts, irreps)]
 
 
 def flat(blocks: Sequence[jax.Array]) -> jax.Array:
@@ -103,12 +100,8 @@ def channel_minor(blocks: Sequence[jax.Array], rows: jax.Array) -> list[jax.Arra
     """Per-chunk (N, mul, 2l+1) blocks -> rows `rows` (E,) of each as (E, 2l+1, mul), gathered once."""
     n = blocks[0].shape[0]
     gathered = jnp.concatenate([b.transpose(0, 2, 1).reshape(n, -1) for b in blocks], axis=1)[rows]
-    out, start = [], 0
-    for b in blocks:
-        size = b.shape[1] * b.shape[2]
-        out.append(gathered[:, start : start + size].reshape(-1, b.shape[2], b.shape[1]))
-        start += size
-    return out
+    parts = split_last(gathered, [b.shape[1] * b.shape[2] for b in blocks])
+    return [part.reshape(-1, b.shape[2], b.shape[1]) for part, b in zip(parts, blocks)]
 
 
 def conv_instructions(
@@ -409,8 +402,8 @@ class Interaction(nn.Module):
         y = chunks(sh, irr_sh)
         mid: list[Any] = [None] * len(irr_mid)
         y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
-        offset = 0
-        for i, j, k in instructions:
+        path_weights = split_last(weights, [irr_in[i][0] for i, _, _ in instructions])
+        for (i, j, k), w in zip(instructions, path_weights):
             m, l1, _ = irr_in[i]
             l2, l3 = irr_sh[j][1], irr_mid[k][1]
             if (l1, j, l3) not in y_cg:
@@ -420,10 +413,8 @@ class Interaction(nn.Module):
                 ).value
                 # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
                 y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
-            w = weights[:, None, offset : offset + m]
-            offset += m
             a = y_cg[(l1, j, l3)]
-            mid[k] = sum(a[:, q, :, None] * x_j[i][:, q, None, :] for q in range(2 * l1 + 1)) * w  # (E, 2l3+1, mul)
+            mid[k] = sum(a[:, q, :, None] * x_j[i][:, q, None, :] for q in range(2 * l1 + 1)) * w[:, None, :]  # (E, 2l3+1, mul)
         # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
         x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node).transpose(0, 2, 1) for m in mid])
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value

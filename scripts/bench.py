@@ -143,8 +143,13 @@ def _train_dataset(args):
     return read_frames(DATA / (FRAMES[TINY_FRAME][0] if args.tiny else TRAIN_FRAMES))
 
 
+def _train_batch_size(args) -> int:
+    """The training batch: the first frames of `_train_dataset`."""
+    return 2 if args.tiny else 4
+
+
 def _train_frames(args):
-    return _train_dataset(args)[: 2 if args.tiny else 4]
+    return _train_dataset(args)[: _train_batch_size(args)]
 
 
 def tiny_config() -> dict:
@@ -205,9 +210,9 @@ def jax_predictor(args) -> tuple[dict, object]:
     return config, Predictor(config, variables)
 
 
-def str_trainer(args, config: dict, predictor, frames, dataset) -> tuple:
-    """(Trainer, TrainState, batch) of the "train step" row: STR on `frames` as one batch, one device,
-    padding budgets capped by the fine-tuning set `dataset` as `sparse-eqv finetune` caps them."""
+def str_trainer(args, config: dict, predictor, dataset) -> tuple:
+    """(Trainer, TrainState, batch) of the "train step" row: STR on the first `_train_batch_size` frames
+    of `dataset` as one batch, one device, budgets bounded by `dataset` as `sparse-eqv finetune` bounds them."""
     import jax.numpy as jnp
 
     from sparse_eqv.finetune import STR
@@ -215,15 +220,16 @@ def str_trainer(args, config: dict, predictor, frames, dataset) -> tuple:
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.targets import select_targets
 
-    graphs = [predictor.graph(f) for f in frames]
+    graphs = [predictor.graph(f) for f in dataset]
+    size = _train_batch_size(args)
     params = predictor.variables["params"]
     trainer = Trainer(
         predictor.module, predictor.variables["constants"], STR(select_targets(params, config, ["default"])), params,
-        TrainConfig(batch_size=len(frames), clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
+        TrainConfig(batch_size=size, clip_norm=CLIP_NORM, weights=LossWeights(*LOSS_WEIGHTS)),
         n_devices=1, dtype=jnp.dtype(args.dtype), cutoff=predictor.cutoff,
     )
-    trainer.cap_budgets([predictor.graph(f) for f in dataset])
-    batch, _ = trainer.stack(graphs, list(range(len(graphs))))
+    trainer.fit_budgets(graphs)
+    batch, _ = trainer.stack(graphs, list(range(size)))
     return trainer, trainer.initial_state(), batch
 
 
@@ -254,11 +260,11 @@ def _jax_worker(args) -> dict:
         out["energy_ev"][name] = float(result["energy"][0])
     _emit(out)
 
-    frames = _train_frames(args)
-    trainer, state, batch = str_trainer(args, config, predictor, frames, _train_dataset(args))
+    dataset = _train_dataset(args)
+    trainer, state, batch = str_trainer(args, config, predictor, dataset)
     out["train_budget"] = dataclasses.asdict(next(iter(trainer.budgets)))
     out["train_step_s"], _, out["compile_s"]["train step"] = timings_and_compile(lambda: trainer.train_step(state, batch))
-    out["train_atoms"] = sum(len(f.numbers) for f in frames)
+    out["train_atoms"] = sum(len(f.numbers) for f in dataset[: _train_batch_size(args)])
     out["compiles_per_epoch"] = _epoch_compiles(args, predictor, trainer)
     out["peak_rss_mib"] = _peak_rss_mib()
     return out
@@ -281,14 +287,14 @@ def _epoch_compiles(args, predictor, trainer) -> dict:
     else:
         frames = [f for path in EPOCH_FILES for f in read_frames(DATA / path)]
     graphs = [predictor.graph(f) for f in frames]
-    seen, cap = set(trainer.budgets), trainer.budget_cap
+    seen, largest = set(trainer.budgets), trainer.largest_budget
     trainer.budgets.clear()
-    trainer.cap_budgets(graphs)
+    trainer.fit_budgets(graphs)
     for indices in trainer.epoch_batches(len(graphs), 0):
         trainer.stack(graphs, indices)
     budgets = set(trainer.budgets)
     trainer.budgets |= seen
-    trainer.budget_cap = cap
+    trainer.largest_budget = largest
     return {"frames": len(frames), "sizes": sorted({len(f.numbers) for f in frames}), "batches": -(-len(frames) // trainer.config.batch_size),
             "compilations": len(budgets)}
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         graph = batch_graphs([predictor.graph(frame)])
         step = lambda: jax.block_until_ready(predictor.predict_graph(graph))  # noqa: E731
     else:
-        trainer, state, batch = bench.str_trainer(setup, config, predictor, bench._train_frames(setup), bench._train_dataset(setup))
+        trainer, state, batch = bench.str_trainer(setup, config, predictor, bench._train_dataset(setup))
         step = lambda: trainer.train_step(state, batch)  # noqa: E731
     step()
     step()

@@ -10,9 +10,10 @@ devices; XLA inserts the all-reduce. State is replicated.
 Compilation: budgets come from a geometric grid (`GraphBudget.round_up`)
 with a fixed number of graphs per shard, so an epoch compiles a handful of
 times; the number of traces of each jitted function is counted. Once the
-run's frames are known (`cap_budgets`), no budget is larger than the largest
+run's frames are known (`fit_budgets`), no budget is larger than the largest
 batch those frames can form, so a set of equal-size frames is padded by one
-node rather than up to the next grid value.
+node rather than up to the next grid value (`one_budget`: every batch is
+padded to that largest budget).
 
 Determinism and resume: the order of the training frames in epoch e is a
 permutation drawn from numpy's generator seeded by (seed, e). The loader
@@ -236,8 +237,7 @@ class Trainer:
         self.base_params = base_params
         self.compiles = {"train": 0, "eval": 0}
         self.budgets: set[GraphBudget] = set()
-        self.fixed_budget: GraphBudget | None = None
-        self.budget_cap: GraphBudget | None = None
+        self.largest_budget: GraphBudget | None = None
         rng = jax.random.PRNGKey(train_config.seed)
         tree = self._cast(method.init(base_params, rng))
         self.labels = method.labels(tree)
@@ -294,8 +294,8 @@ class Trainer:
         Every shard is filled up to `shard_size()` graphs with label-free
         copies of its own (or the batch's first) frames, so a short last batch
         pads to the same budget as a full one when frames are alike in size.
-        The budget is a pure function of the batch, or the run's fixed one
-        (`fix_budget`), so resume stays exact.
+        The budget is a pure function of the batch and the run's frames
+        (`fit_budgets`), so resume stays exact.
 
         Returns:
             the stacked batch (leading axis: device) placed on the mesh, and
@@ -321,24 +321,21 @@ class Trainer:
         stack them on a leading axis; host arrays in the run's dtype."""
         n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
         n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
-        budget = self.fixed_budget or GraphBudget.round_up(n_node, n_edge, self.shard_size()).at_most(self.budget_cap)
+        if self.config.one_budget and self.largest_budget is not None:
+            budget = self.largest_budget
+        else:
+            budget = GraphBudget.round_up(n_node, n_edge, self.shard_size()).at_most(self.largest_budget)
         self.budgets.add(budget)
         padded = [batch_graphs(p, budget) for p in parts]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *padded)
         return jax.tree.map(lambda x: x.astype(self.dtype) if np.issubdtype(x.dtype, np.floating) else x, stacked)
 
-    def fix_budget(self, *graph_sets: Sequence[jraph.GraphsTuple]) -> GraphBudget:
-        """Pad every later batch to one budget: the smallest that fits any
-        `shard_size()` graphs of these sets (one compilation per function)."""
-        self.fixed_budget = GraphBudget.fitting_any([g for graphs in graph_sets for g in graphs], self.shard_size())
-        return self.fixed_budget
-
-    def cap_budgets(self, *graph_sets: Sequence[jraph.GraphsTuple]) -> GraphBudget:
-        """Lower every later grid budget to at most the smallest budget that
-        fits any `shard_size()` graphs of these sets (batches of these graphs
-        only: a larger batch no longer fits)."""
-        self.budget_cap = GraphBudget.fitting_any([g for graphs in graph_sets for g in graphs], self.shard_size())
-        return self.budget_cap
+    def fit_budgets(self, *graph_sets: Sequence[jraph.GraphsTuple]) -> GraphBudget:
+        """Bound every later budget by the smallest that fits any `shard_size()`
+        graphs of these sets (the run's frames; a larger batch no longer fits),
+        or with `one_budget` pad every batch to it (one compilation per function)."""
+        self.largest_budget = GraphBudget.fitting_any([g for graphs in graph_sets for g in graphs], self.shard_size())
+        return self.largest_budget
 
     def epoch_batches(self, n_frames: int, epoch: int, seed: int | None = None) -> list[list[int]]:
         """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch);

@@ -316,10 +316,7 @@ def finetune(
     trained_method = fine_method if magmom is None else magmom_lib.WithMagmomHead(fine_method, head_params)
     trainer = Trainer(module, variables["constants"], trained_method, base_params, config, n_devices=n_devices,
                       dtype=jnp.dtype(dtype), cutoff=cutoff)
-    if config.one_budget:
-        trainer.fix_budget(train_graphs, valid_graphs, test_graphs)
-    else:
-        trainer.cap_budgets(train_graphs, valid_graphs, test_graphs)
+    trainer.fit_budgets(train_graphs, valid_graphs, test_graphs)
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":

@@ -456,11 +456,7 @@ def finetune_variants(
     fine_method = make_method(method, base_params[0], model_config)
     trainer = VariantTrainer(module, variables["constants"], fine_method, base_params, config, variants,
                              n_devices=n_devices, dtype=jnp.dtype(dtype), cutoff=cutoff)
-    graph_sets = [graphs for pairs in splits.values() for graphs, _ in pairs] + [test_graphs]
-    if config.one_budget:
-        trainer.fix_budget(*graph_sets)
-    else:
-        trainer.cap_budgets(*graph_sets)
+    trainer.fit_budgets(*[graphs for pairs in splits.values() for graphs, _ in pairs], test_graphs)
 
     fits: dict[tuple, tuple] = {}
     for k, v in enumerate(variants):

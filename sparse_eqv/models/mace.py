@@ -396,7 +396,7 @@ class SymmetricContraction(nn.Module):
         def contract(stacked, species):
             products = {nu: monomials(stacked, nu) for nu in range(1, self.correlation + 1)}  # (n, C, P_nu)
             chunks = []
-            for (mul, ir), cs, ws in zip(irreps_out, coefficients, weights):
+            for (_, ir), cs, ws in zip(irreps_out, coefficients, weights):
                 out = jnp.zeros(stacked.shape[:2] + (ir.dim,), stacked.dtype)
                 for nu in range(self.correlation, 0, -1):
                     basis = jnp.einsum("zcp,mpk->zcmk", products[nu], cs[nu])

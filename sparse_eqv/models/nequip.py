@@ -404,7 +404,7 @@ class Interaction(nn.Module):
         y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
         path_weights = split_last(weights, [irr_in[i][0] for i, _, _ in instructions])
         for (i, j, k), w in zip(instructions, path_weights):
-            m, l1, _ = irr_in[i]
+            l1 = irr_in[i][1]
             l2, l3 = irr_sh[j][1], irr_mid[k][1]
             if (l1, j, l3) not in y_cg:
                 cg = self.variable(

@@ -238,8 +238,6 @@ def _jax_worker(args) -> dict:
     import jax
     from jax import monitoring
 
-    from sparse_eqv.data.graph import batch_graphs
-
     out: dict = {"model": args.model, "backend": "jax", "version": f"jax {jax.__version__}", "dtype": args.dtype,
                  "predict_s": {}, "compile_s": {}, "energy_ev": {}}
     compile_events: list[float] = []
@@ -254,7 +252,7 @@ def _jax_worker(args) -> dict:
         return median, value, sum(compile_events)
 
     for name, frame in _frames(args).items():
-        graph = batch_graphs([predictor.graph(frame)])
+        graph = predictor.batch([predictor.graph(frame)])
         median, result, out["compile_s"][f"predict {name}"] = timings_and_compile(lambda: predictor.predict_graph(graph))
         out["predict_s"][name] = median
         out["energy_ev"][name] = float(result["energy"][0])

@@ -49,7 +49,6 @@ def measure(model: str, dtype: str, repeat: int) -> list[dict]:
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
-    from sparse_eqv.data.graph import batch_graphs
     from sparse_eqv.inference import Predictor
     from weights_convert.convert import convert
 
@@ -57,7 +56,7 @@ def measure(model: str, dtype: str, repeat: int) -> list[dict]:
     predictor = Predictor(config, variables)
     rows = []
     for name, frame in frames().items():
-        graph = batch_graphs([predictor.graph(frame)])
+        graph = predictor.batch([predictor.graph(frame)])
         predictor.predict_graph(graph)  # compiles
         walls, cpus = [], []
         for _ in range(repeat):

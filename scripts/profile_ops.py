@@ -101,14 +101,12 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text".strip()
     import jax
 
-    from sparse_eqv.data.graph import batch_graphs
-
     bench = _bench()
     setup = argparse.Namespace(model=args.model, tiny=args.tiny, dtype=args.dtype, mace_file=args.mace_model)
     config, predictor = bench.jax_predictor(setup)
     if args.row == "predict":
         frame = bench._frames(setup)[bench.TINY_FRAME if args.tiny else PREDICT_FRAME]
-        graph = batch_graphs([predictor.graph(frame)])
+        graph = predictor.batch([predictor.graph(frame)])
         step = lambda: jax.block_until_ready(predictor.predict_graph(graph))  # noqa: E731
     else:
         trainer, state, batch = bench.str_trainer(setup, config, predictor, bench._train_dataset(setup))

@@ -17,6 +17,10 @@ from sparse_eqv.errors import SparseEqvError, out_of_memory
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
 
+# Edge grid of prediction budgets: every model's cost grows with the edge count, so a new budget pads
+# at most 5 % (training keeps the coarser default grid: its budgets are bounded by the data set).
+PREDICT_EDGE_GRANULARITY = 1.05
+
 
 def _dtype(config: dict[str, Any]):
     return jnp.float64 if config.get("dtype", "float64") == "float64" else jnp.float32
@@ -80,6 +84,18 @@ class Predictor:
     def graph(self, frame: Frame) -> jraph.GraphsTuple:
         return frame_to_graph(frame, self.atomic_numbers, self.cutoff)
 
+    def batch(self, graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
+        """Graphs as one padded batch: the smallest budget already compiled that
+        fits, else a new one on a fine edge grid (`PREDICT_EDGE_GRANULARITY`)."""
+        n_node, n_edge = sum(int(g.n_node.sum()) for g in graphs), sum(int(g.n_edge.sum()) for g in graphs)
+        fitting = [
+            b for b in self.budgets if n_node < b.n_node and n_edge <= b.n_edge and len(graphs) < b.n_graph
+        ]
+        budget = min(fitting, key=lambda b: (b.n_edge, b.n_node, b.n_graph)) if fitting else GraphBudget.round_up(
+            n_node, n_edge, len(graphs), edge_granularity=PREDICT_EDGE_GRANULARITY
+        )
+        return batch_graphs(graphs, budget)
+
     def predict_graph(self, graph: jraph.GraphsTuple) -> dict[str, np.ndarray]:
         """Predictions for a padded batch, as numpy arrays (padding included)."""
         budget = GraphBudget(int(graph.n_node.sum()), int(graph.n_edge.sum()), len(graph.n_node))
@@ -100,7 +116,7 @@ class Predictor:
         results: list[dict[str, np.ndarray]] = []
         for indices in frame_batches(frames, max_atoms):
             graphs = [self.graph(frames[i]) for i in indices]
-            out = self.predict_graph(batch_graphs(graphs))
+            out = self.predict_graph(self.batch(graphs))
             offset = 0
             for g, i in enumerate(indices):
                 n = frames[i].num_atoms

@@ -149,3 +149,19 @@ def test_run_directory_is_accepted(model_dir, tmp_path):
     ref = reference(run / "model", atoms, calc._budget)
     assert abs(atoms.get_potential_energy() - ref["energy"]) <= 1e-12 * len(atoms)
     assert abs(atoms.get_potential_energy() - reference(model_dir, atoms, calc._budget)["energy"]) > 1e-6
+
+
+def test_predictor_pads_new_budgets_finely_and_reuses_compiled_ones(model_dir):
+    """Predictor.batch: a new budget pads the edges by at most 5 % (PREDICT_EDGE_GRANULARITY);
+    a smaller batch is padded to the budget already compiled (no new compilation)."""
+    predictor = Predictor(*load_model(model_dir))
+    frames = [Frame(a.numbers, a.positions, a.cell.array, a.pbc) for a in (li2s(1), li2s(0))]
+    big, small = (predictor.graph(f) for f in frames)
+    assert int(small.n_edge[0]) < int(big.n_edge[0])  # 148 < 154 pairs within r_max
+    padded = predictor.batch([big])
+    assert int(big.n_edge[0]) < padded.senders.shape[0] <= 1.05 * (int(big.n_edge[0]) + 1)
+    energy = predictor.predict_graph(padded)["energy"][0]
+    assert predictor.batch([small]).senders.shape == padded.senders.shape
+    results = [predictor.predict([frame])[0] for frame in frames]
+    assert len(predictor.budgets) == 1
+    assert abs(results[0]["energy"] - energy) <= 1e-12

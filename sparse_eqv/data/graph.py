@@ -127,20 +127,24 @@ class GraphBudget:
     n_graph: int
 
     @staticmethod
-    def round_up(n_node: int, n_edge: int, n_graph: int, granularity: float = 1.25) -> "GraphBudget":
-        """The smallest budget on a geometric grid (ratio `granularity`) that fits.
+    def round_up(
+        n_node: int, n_edge: int, n_graph: int, granularity: float = 1.25, edge_granularity: float | None = None
+    ) -> "GraphBudget":
+        """The smallest budget on a geometric grid (ratio `granularity`; for
+        edges `edge_granularity`, default the same) that fits.
 
         A grid keeps the number of distinct budgets (and compilations) small
-        over an epoch of mixed-size frames.
+        over an epoch of mixed-size frames; a finer edge grid pads less.
         """
 
-        def grid(x: int, start: int = 8) -> int:
+        def grid(x: int, start: int = 8, granularity: float = granularity) -> int:
             value = start
             while value < x:
                 value = int(np.ceil(value * granularity))
             return value
 
-        return GraphBudget(grid(n_node + 1), grid(n_edge + 1), grid(n_graph + 1, start=2))
+        edges = granularity if edge_granularity is None else edge_granularity
+        return GraphBudget(grid(n_node + 1), grid(n_edge + 1, granularity=edges), grid(n_graph + 1, start=2))
 
     def at_most(self, cap: "GraphBudget | None") -> "GraphBudget":
         """This budget, each size lowered to `cap`'s where that is smaller (None: unchanged)."""

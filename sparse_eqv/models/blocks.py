@@ -9,8 +9,9 @@ order so float64 results agree to rounding:
     activations                    ACTIVATIONS, normalize2mom_constant
     e3nn.nn.FullyConnectedNet      FullyConnectedNet
     e3nn.o3.Linear                 Linear, linear_instructions
-    e3nn.o3.TensorProduct          TensorProduct (external weights),
-                                   tensor_product, TPInstruction, tp_path_weights
+    e3nn.o3.TensorProduct          tensor_product, TPInstruction, tp_path_weights;
+                                   EdgeTensorProduct (per-edge weights, channel-minor),
+                                   channel_minor, uvu_edge_product
     e3nn.o3.FullyConnectedTP       FullyConnectedTensorProduct,
                                    fully_connected_tp_instructions
     e3nn.o3.Irreps.sort (torch)    sort_irreps, simplify_irreps
@@ -414,9 +415,8 @@ def tensor_product(
     x2: e3nn.IrrepsArray,
     irreps_out: e3nn.Irreps,
     instructions: Sequence[TPInstruction],
-    weights: Sequence[jax.Array | None],
+    weights: Sequence[jax.Array],
     w3j: dict[tuple[int, int, int], jax.Array],
-    specialized: bool = True,
 ) -> e3nn.IrrepsArray:
     """e3nn `o3.TensorProduct` forward ('uvw', 'uvu'), code path by code path.
 
@@ -424,12 +424,10 @@ def tensor_product(
         x1, x2: (B, irreps_in1.dim), (B, irreps_in2.dim).
         irreps_out: output irreps.
         instructions: from `tp_path_weights`.
-        weights: per instruction, its weight with shape path_shape (shared)
-            or (B,) + path_shape (one per batch row), None without weight.
+        weights: per instruction, its shared weight with shape path_shape.
         w3j: Clebsch-Gordan block (2l1+1, 2l2+1, 2l3+1) per (l1, l2, l3) used
-            by a non-specialised path, in the checkpoint's sign convention.
-        specialized: e3nn's `specialized_code` (paths with an l=0 operand
-            skip the CG block).
+            by a path without an l=0 operand (e3nn's specialised code skips the
+            CG block there), in the checkpoint's sign convention.
 
     Returns:
         (B, irreps_out.dim).
@@ -447,29 +445,28 @@ def tensor_product(
         l1, l2, lo = m1.ir.l, m2.ir.l, mo.ir.l
         if not ins.has_weight:
             raise ValueError("tensor_product: instructions without weight are not implemented")
-        z = "" if w.ndim == len(ins.shape) else "z"
         if ins.mode == "uvw":
-            if specialized and (l1, l2, lo) == (0, 0, 0):
-                r = jnp.einsum(f"{z}uvw,zu,zv->zw", w, a[..., 0], b[..., 0])[..., None]
-            elif specialized and l1 == 0:
-                r = jnp.einsum(f"{z}uvw,zu,zvj->zwj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
-            elif specialized and l2 == 0:
-                r = jnp.einsum(f"{z}uvw,zui,zv->zwi", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
-            elif specialized and lo == 0:
-                r = jnp.einsum(f"{z}uvw,zui,zvi->zw", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
+            if (l1, l2, lo) == (0, 0, 0):
+                r = jnp.einsum("uvw,zu,zv->zw", w, a[..., 0], b[..., 0])[..., None]
+            elif l1 == 0:
+                r = jnp.einsum("uvw,zu,zvj->zwj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
+            elif l2 == 0:
+                r = jnp.einsum("uvw,zui,zv->zwi", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
+            elif lo == 0:
+                r = jnp.einsum("uvw,zui,zvi->zw", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
             else:
-                r = jnp.einsum(f"{z}uvw,ijk,zui,zvj->zwk", w, w3j[(l1, l2, lo)], a, b)
+                r = jnp.einsum("uvw,ijk,zui,zvj->zwk", w, w3j[(l1, l2, lo)], a, b)
         else:  # uvu
-            if specialized and (l1, l2, lo) == (0, 0, 0):
-                r = jnp.einsum(f"{z}uv,zu,zv->zu", w, a[..., 0], b[..., 0])[..., None]
-            elif specialized and l1 == 0:
-                r = jnp.einsum(f"{z}uv,zu,zvj->zuj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
-            elif specialized and l2 == 0:
-                r = jnp.einsum(f"{z}uv,zui,zv->zui", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
-            elif specialized and lo == 0:
-                r = jnp.einsum(f"{z}uv,zui,zvi->zu", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
+            if (l1, l2, lo) == (0, 0, 0):
+                r = jnp.einsum("uv,zu,zv->zu", w, a[..., 0], b[..., 0])[..., None]
+            elif l1 == 0:
+                r = jnp.einsum("uv,zu,zvj->zuj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
+            elif l2 == 0:
+                r = jnp.einsum("uv,zui,zv->zui", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
+            elif lo == 0:
+                r = jnp.einsum("uv,zui,zvi->zu", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
             else:
-                r = jnp.einsum(f"{z}uv,ijk,zui,zvj->zuk", w, w3j[(l1, l2, lo)], a, b)
+                r = jnp.einsum("uv,ijk,zui,zvj->zuk", w, w3j[(l1, l2, lo)], a, b)
         outputs[ins.i_out].append(ins.path_weight * r)
     chunks = [_sum_or_zeros(outs, (batch, mo.mul, mo.ir.dim), dtype) for outs, mo in zip(outputs, irreps_out)]
     return e3nn.from_chunks(irreps_out, chunks, (batch,), dtype)
@@ -477,13 +474,12 @@ def tensor_product(
 
 def tp_w3j_keys(
     irreps_in1: e3nn.Irreps, irreps_in2: e3nn.Irreps, irreps_out: e3nn.Irreps, instructions: Sequence[TPInstruction],
-    specialized: bool = True,
 ) -> list[tuple[int, int, int]]:
-    """(l1, l2, l3) of the Clebsch-Gordan blocks `tensor_product` reads, in first-use order."""
+    """(l1, l2, l3) of the Clebsch-Gordan blocks `tensor_product` and `EdgeTensorProduct` read, in first-use order."""
     keys = []
     for ins in instructions:
         l1, l2, lo = irreps_in1[ins.i_in1].ir.l, irreps_in2[ins.i_in2].ir.l, irreps_out[ins.i_out].ir.l
-        if specialized and 0 in (l1, l2, lo):
+        if 0 in (l1, l2, lo):
             continue
         if (l1, l2, lo) not in keys:
             keys.append((l1, l2, lo))
@@ -554,16 +550,41 @@ class FullyConnectedTensorProduct(nn.Module):
         return tensor_product(x1, x2, out, instructions, weights, w3j)
 
 
-class TensorProduct(nn.Module):
-    """e3nn `o3.TensorProduct` with external per-row weights (shared_weights=False).
+def channel_minor(blocks: Sequence[jax.Array], rows: jax.Array) -> list[jax.Array]:
+    """Per-chunk (N, mul, 2l+1) blocks -> rows `rows` (E,) of each as (E, 2l+1, mul), gathered once."""
+    n = blocks[0].shape[0]
+    gathered = jnp.concatenate([b.transpose(0, 2, 1).reshape(n, -1) for b in blocks], axis=1)[rows]
+    parts = split_last(gathered, [b.shape[1] * b.shape[2] for b in blocks])
+    return [part.reshape(-1, b.shape[2], b.shape[1]) for part, b in zip(parts, blocks)]
+
+
+def uvu_edge_product(x: jax.Array, factor: jax.Array, w: jax.Array) -> jax.Array:
+    """One 'uvu' path on edges, channel-minor: out[e, k, u] = w[e, u] sum_q factor[e, q, k] x[e, q, u].
+
+    Args:
+        x: (E, 2l1+1, mul) the senders' features.
+        factor: (E, 2l1+1, 2l3+1) the edge attribute contracted with the path's CG block.
+        w: (E, mul) per-edge path weights.
+
+    Returns:
+        (E, 2l3+1, mul). Written as a sum of 2l1+1 broadcast products, so that
+        XLA fuses it (and its cotangents) into loops over contiguous channels
+        instead of E tiny batched matrix products.
+    """
+    return sum(factor[:, q, :, None] * x[:, q, None, :] for q in range(x.shape[1])) * w[:, None, :]
+
+
+class EdgeTensorProduct(nn.Module):
+    """e3nn `o3.TensorProduct(node irreps, edge attrs, out, 'uvu' instructions, shared_weights=False)`
+    on each edge's sender, with e3nn's specialised code paths, channel-minor.
 
     Attributes:
-        irreps_in1, irreps_in2, irreps_out: irreps strings.
-        instructions: (i_in1, i_in2, i_out, mode, has_weight[, path_weight]) as given to e3nn.
+        irreps_in1: node feature irreps; irreps_in2: edge attribute irreps
+            (multiplicity 1 each, e.g. spherical harmonics); irreps_out: output irreps.
+        instructions: (i_in1, i_in2, i_out, 'uvu', True[, path_weight]) as given to e3nn.
         param_dtype: dtype of the default CG constants.
-        specialized: e3nn's `_specialized_code`.
 
-    Constants: `w3j_l1_l2_l3` per non-specialised path (defaults from
+    Constants: `w3j_l1_l2_l3` per path without an l=0 operand (defaults from
     e3nn-jax; converters put the checkpoint's blocks there). No params.
     """
 
@@ -572,21 +593,41 @@ class TensorProduct(nn.Module):
     irreps_out: str
     instructions: tuple[tuple, ...]
     param_dtype: Any = jnp.float64
-    specialized: bool = True
 
     @nn.compact
-    def __call__(self, x1: e3nn.IrrepsArray, x2: e3nn.IrrepsArray, weights: jax.Array) -> e3nn.IrrepsArray:
-        """(B, in1.dim), (B, in2.dim), (B, weight_numel) -> (B, out.dim)."""
+    def __call__(
+        self, node_feats: e3nn.IrrepsArray, edge_attrs: e3nn.IrrepsArray, weights: jax.Array, senders: jax.Array
+    ) -> list[jax.Array | None]:
+        """(N, in1.dim), (E, in2.dim), (E, weight_numel), (E,) -> per irreps_out chunk (E, 2l+1, mul), None if unused."""
         in1, in2, out = e3nn.Irreps(self.irreps_in1), e3nn.Irreps(self.irreps_in2), e3nn.Irreps(self.irreps_out)
         instructions = tp_path_weights(in1, in2, out, self.instructions)
-        batch = weights.shape[0]
-        weighted = [ins for ins in instructions if ins.has_weight]
-        parts = iter(split_last(weights, [int(np.prod(ins.shape)) for ins in weighted]))
-        per_path = [next(parts).reshape((batch,) + ins.shape) if ins.has_weight else None for ins in instructions]
+        if any(ins.mode != "uvu" or not ins.has_weight or in2[ins.i_in2].mul != 1 for ins in instructions):
+            raise ValueError("EdgeTensorProduct: only weighted 'uvu' paths with multiplicity-1 edge attributes")
         w3j = {
             key: self.variable(
                 "constants", w3j_name(key), lambda k=key: jnp.asarray(e3nn.clebsch_gordan(*k), self.param_dtype)
             ).value
-            for key in tp_w3j_keys(in1, in2, out, instructions, self.specialized)
+            for key in tp_w3j_keys(in1, in2, out, instructions)
         }
-        return tensor_product(x1, x2, out, instructions, per_path, w3j, self.specialized)
+        x = channel_minor(irreps_chunks(node_feats), senders)
+        y = [None if c is None else c[:, 0, :] for c in irreps_chunks(edge_attrs)]  # (E, 2l2+1)
+        per_path = split_last(weights, [int(np.prod(ins.shape)) for ins in instructions])
+        factors: dict[tuple[int, int, int], jax.Array] = {}
+        outputs: list[list[jax.Array]] = [[] for _ in out]
+        for ins, w in zip(instructions, per_path):
+            l1, l2, lo = in1[ins.i_in1].ir.l, in2[ins.i_in2].ir.l, out[ins.i_out].ir.l
+            b = y[ins.i_in2]
+            w = ins.path_weight * w
+            if l2 == 0:  # identity CG block: scale the sender's features
+                outputs[ins.i_out].append(x[ins.i_in1] * (b[:, 0] / math.sqrt(2 * lo + 1))[:, None, None] * w[:, None, :])
+                continue
+            key = (l1, ins.i_in2, lo)
+            if key not in factors:
+                if l1 == 0:
+                    factors[key] = b[:, None, :] / math.sqrt(2 * lo + 1)
+                elif lo == 0:
+                    factors[key] = b[:, :, None] / math.sqrt(2 * l1 + 1)
+                else:
+                    factors[key] = jnp.einsum("ej,ijk->eik", b, w3j[(l1, l2, lo)])
+            outputs[ins.i_out].append(uvu_edge_product(x[ins.i_in1], factors[key], w))
+        return [sum(terms) if terms else None for terms in outputs]

@@ -54,10 +54,10 @@ import numpy as np
 from sparse_eqv.errors import UnsupportedModelError
 from sparse_eqv.models.blocks import (
     ACTIVATIONS,
+    EdgeTensorProduct,
     FullyConnectedNet,
     FullyConnectedTensorProduct,
     Linear,
-    TensorProduct,
     agnesi_transform,
     bessel_basis,
     normalize2mom_constant,
@@ -268,13 +268,18 @@ class InteractionBlock(nn.Module):
             if cutoff is not None:
                 edge_density = edge_density * cutoff[:, None]
             node_density = _segment_sum(edge_density, receivers, n_nodes)
-        sent = e3nn.IrrepsArray(node_feats.irreps, node_feats.array[senders])
-        mji = TensorProduct(
+        # Channel-minor per edge, (E, 2l+1, mul) per path: the products and their cotangents are loops over
+        # contiguous channels instead of E tiny batched matmuls (MP-0b3-medium size, float32 predict on
+        # the 108-atom Cu frame: BEFORE -> AFTER s on 2 cores).
+        mji = EdgeTensorProduct(
             str(irreps_in), str(irreps_edge), str(irreps_mid), tuple(instructions), self.param_dtype, name="conv_tp"
-        )(sent, edge_attrs, tp_weights)
+        )(node_feats, edge_attrs, tp_weights, senders)
         # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
         message = e3nn.from_chunks(
-            irreps_mid, [None if c is None else _segment_sum(c, receivers, n_nodes) for c in mji.chunks], (n_nodes,), mji.dtype
+            irreps_mid,
+            [None if c is None else _segment_sum(c, receivers, n_nodes).transpose(0, 2, 1) for c in mji],
+            (n_nodes,),
+            tp_weights.dtype,
         )
         message = Linear(str(irreps_mid), self.target_irreps, self.param_dtype, name="linear")(message)
         if density:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
-from sparse_eqv.models.blocks import split_last
+from sparse_eqv.models.blocks import channel_minor, split_last, uvu_edge_product
 
 Irreps = tuple[tuple[int, int, int], ...]  # ((mul, l, p), ...), p = +1 even / -1 odd
 
@@ -94,14 +94,6 @@ def chunks(x: jax.Array, irreps: Irreps) -> list[jax.Array]:
 
 def flat(blocks: Sequence[jax.Array]) -> jax.Array:
     return jnp.concatenate([b.reshape(b.shape[0], -1) for b in blocks], axis=1)
-
-
-def channel_minor(blocks: Sequence[jax.Array], rows: jax.Array) -> list[jax.Array]:
-    """Per-chunk (N, mul, 2l+1) blocks -> rows `rows` (E,) of each as (E, 2l+1, mul), gathered once."""
-    n = blocks[0].shape[0]
-    gathered = jnp.concatenate([b.transpose(0, 2, 1).reshape(n, -1) for b in blocks], axis=1)[rows]
-    parts = split_last(gathered, [b.shape[1] * b.shape[2] for b in blocks])
-    return [part.reshape(-1, b.shape[2], b.shape[1]) for part, b in zip(parts, blocks)]
 
 
 def conv_instructions(
@@ -413,8 +405,7 @@ class Interaction(nn.Module):
                 ).value
                 # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
                 y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
-            a = y_cg[(l1, j, l3)]
-            mid[k] = sum(a[:, q, :, None] * x_j[i][:, q, None, :] for q in range(2 * l1 + 1)) * w[:, None, :]  # (E, 2l3+1, mul)
+            mid[k] = uvu_edge_product(x_j[i], y_cg[(l1, j, l3)], w)  # (E, 2l3+1, mul)
         # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
         x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node).transpose(0, 2, 1) for m in mid])
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value

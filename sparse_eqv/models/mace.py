@@ -269,8 +269,8 @@ class InteractionBlock(nn.Module):
                 edge_density = edge_density * cutoff[:, None]
             node_density = _segment_sum(edge_density, receivers, n_nodes)
         # Channel-minor per edge, (E, 2l+1, mul) per path: the products and their cotangents are loops over
-        # contiguous channels instead of E tiny batched matmuls (MP-0b3-medium size, float32 predict on
-        # the 108-atom Cu frame: BEFORE -> AFTER s on 2 cores).
+        # contiguous channels instead of E tiny batched matmuls (MP-0b3-medium size, float32, 2 cores:
+        # training step on 4 Cu frames 4.71 -> 4.1 s; predict on 108 atoms unchanged at 0.53 s).
         mji = EdgeTensorProduct(
             str(irreps_in), str(irreps_edge), str(irreps_mid), tuple(instructions), self.param_dtype, name="conv_tp"
         )(node_feats, edge_attrs, tp_weights, senders)

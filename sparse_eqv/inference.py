@@ -86,10 +86,14 @@ class Predictor:
 
     def batch(self, graphs: Sequence[jraph.GraphsTuple]) -> jraph.GraphsTuple:
         """Graphs as one padded batch: the smallest budget already compiled that
-        fits, else a new one on a fine edge grid (`PREDICT_EDGE_GRANULARITY`)."""
+        fits and is no larger than the coarse grid's (`GraphBudget.round_up`), so
+        a reused budget pads no more than training's grid would; else a new one on
+        a fine edge grid (`PREDICT_EDGE_GRANULARITY`)."""
         n_node, n_edge = sum(int(g.n_node.sum()) for g in graphs), sum(int(g.n_edge.sum()) for g in graphs)
+        coarse = GraphBudget.round_up(n_node, n_edge, len(graphs))
         fitting = [
-            b for b in self.budgets if n_node < b.n_node and n_edge <= b.n_edge and len(graphs) < b.n_graph
+            b for b in self.budgets
+            if n_node < b.n_node <= coarse.n_node and n_edge <= b.n_edge <= coarse.n_edge and len(graphs) < b.n_graph
         ]
         budget = min(fitting, key=lambda b: (b.n_edge, b.n_node, b.n_graph)) if fitting else GraphBudget.round_up(
             n_node, n_edge, len(graphs), edge_granularity=PREDICT_EDGE_GRANULARITY

@@ -153,7 +153,8 @@ def test_run_directory_is_accepted(model_dir, tmp_path):
 
 def test_predictor_pads_new_budgets_finely_and_reuses_compiled_ones(model_dir):
     """Predictor.batch: a new budget pads the edges by at most 5 % (PREDICT_EDGE_GRANULARITY);
-    a smaller batch is padded to the budget already compiled (no new compilation)."""
+    a smaller batch is padded to the budget already compiled (no new compilation), unless that
+    budget is larger than the coarse grid's for it."""
     predictor = Predictor(*load_model(model_dir))
     frames = [Frame(a.numbers, a.positions, a.cell.array, a.pbc) for a in (li2s(1), li2s(0))]
     big, small = (predictor.graph(f) for f in frames)
@@ -162,6 +163,9 @@ def test_predictor_pads_new_budgets_finely_and_reuses_compiled_ones(model_dir):
     assert int(big.n_edge[0]) < padded.senders.shape[0] <= 1.05 * (int(big.n_edge[0]) + 1)
     energy = predictor.predict_graph(padded)["energy"][0]
     assert predictor.batch([small]).senders.shape == padded.senders.shape
+    primitive = bulk("SLi2", "fluorite", a=5.71)  # 3 atoms: the 12-atom budget is beyond the coarse grid's for it
+    tiny = predictor.graph(Frame(primitive.numbers, primitive.positions, primitive.cell.array, primitive.pbc))
+    assert int(predictor.batch([tiny]).n_node.sum()) < int(padded.n_node.sum())
     results = [predictor.predict([frame])[0] for frame in frames]
     assert len(predictor.budgets) == 1
     assert abs(results[0]["energy"] - energy) <= 1e-12

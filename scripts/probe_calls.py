@@ -1,7 +1,7 @@
 """CPU, system time and page faults of single JAX calls, and RSS step by step: what the allocator costs.
 
     python scripts/probe_calls.py {sevenn,mace} [--dtype float32] [--frames Cu LiGePS] [--calls 7]
-                                  [--train-steps 5] [--mace-model PATH]
+                                  [--train-steps 5] [--mace-model PATH] [--tiny]
 
 The model and frames are set up exactly as in scripts/bench.py. For each
 frame whose name starts with one of --frames: 3 untimed predictions, then the
@@ -10,7 +10,7 @@ page faults (`resource.getrusage` of the process, all threads). Then
 --train-steps STR training steps on the bench batch (the first compiles),
 each with its wall, user and system seconds, faults, current and peak RSS.
 Run it under `LD_PRELOAD=...` to compare allocators (docs/performance.md,
-"Tried, not kept").
+"Tried, not kept"). --tiny is bench.py's CI mode (tiny model, aspirin).
 """
 
 from __future__ import annotations
@@ -52,12 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--frames", nargs="+", default=["Cu", "LiGePS"], help="prefixes of bench frame names")
     p.add_argument("--calls", type=int, default=7)
     p.add_argument("--train-steps", type=int, default=0)
-    p.add_argument("--mace-model", type=Path, default=Path("/tmp/mace.model"))
+    p.add_argument("--mace-model", type=Path, default=Path("/tmp/mace.model"),
+                   help="an existing MACE .model, e.g. the one `scripts/bench.py --mace-model PATH` built")
+    p.add_argument("--tiny", action="store_true")
     a = p.parse_args(argv)
     bench = _bench()
     import jax
 
-    args = argparse.Namespace(model=a.model, dtype=a.dtype, tiny=False, mace_file=str(a.mace_model))
+    args = argparse.Namespace(model=a.model, dtype=a.dtype, tiny=a.tiny, mace_file=str(a.mace_model))
     config, predictor = bench.jax_predictor(args)
     for name, frame in bench._frames(args).items():
         if not any(name.startswith(prefix) for prefix in a.frames):

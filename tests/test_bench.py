@@ -96,3 +96,23 @@ def test_profile_ops_tiny_train_step(repo_root, shared_data, tmp_path):
     assert report["by_kind_ms"]["dot"][0] > 0 and report["by_kind_ms"]["dot"][1] > 0
     assert sum(ms for ms, _ in report["by_shape_ms"].values()) > 0
     assert "by op kind and output shape" in run.stdout
+
+
+def test_probe_calls_tiny(repo_root, shared_data):
+    """scripts/probe_calls.py prints a prediction and each training step with
+    CPU time, faults and RSS (a subprocess: its getrusage is the process's own)."""
+    run = subprocess.run(
+        [sys.executable, str(repo_root / "scripts" / "probe_calls.py"), "sevenn", "--tiny", "--frames", "aspirin",
+         "--calls", "2", "--train-steps", "2"],
+        capture_output=True, text=True, check=True, cwd=repo_root,
+    )
+    lines = run.stdout.splitlines()
+    (predict,) = [line.split() for line in lines if line.startswith("predict aspirin")]
+    steps = [line.split() for line in lines if line.startswith("train step")]
+    assert [step[2] for step in steps] == ["0", "1"]
+    values = [dict(zip(fields[:-1], fields[1:])) for fields in [predict] + steps]
+    for row in values:
+        assert float(row["wall"]) >= 0 and float(row["sys"]) >= 0 and float(row["rss"]) > 0
+    first_step, second_step = values[1:]
+    # the first step compiles and maps its buffers: slower and faulting
+    assert float(first_step["wall"]) > float(second_step["wall"]) and int(first_step["faults"]) > 0

@@ -574,6 +574,47 @@ def uvu_edge_product(x: jax.Array, factor: jax.Array, w: jax.Array) -> jax.Array
     return sum(factor[:, q, :, None] * x[:, q, None, :] for q in range(x.shape[1])) * w[:, None, :]
 
 
+def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block: int | None):
+    """Run `body` over equal blocks of at most edge_block edges, one after the other (`nn.scan`).
+
+    Each block is rematerialised in the backward passes, so per-edge tensors
+    and their cotangents exist for one block at a time.
+
+    Args:
+        body: `body(module, acc, node_feats, edges) -> (acc, None)`, the
+            messages of the edges given added to acc; it creates its
+            submodules with `parent=module`, so their variables keep their
+            names (params and constants are shared by all blocks).
+        acc: pytree of per-node accumulators, e.g. (N, 2l+1, mul) per irrep.
+        node_feats: pytree of per-node inputs, the same for every block.
+        edges: tuple of (E, ...) arrays or None, the last one the receivers
+            (E,) int; padding edges get receiver N (dropped by segment sums,
+            whose num_segments is N) and zeros elsewhere.
+        edge_block: edges per block; None (or E <= edge_block): one call of
+            body on all edges.
+    """
+    n_edges = edges[-1].shape[0]
+    if edge_block is None or n_edges <= edge_block:
+        return body(module, acc, node_feats, edges)[0]
+    n_nodes = jax.tree_util.tree_leaves(acc)[0].shape[0]
+    n_blocks = -(-n_edges // edge_block)
+    block = -(-n_edges // n_blocks)
+    pad = n_blocks * block - n_edges
+
+    def blocks(a, fill):
+        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
+        return a.reshape((n_blocks, block) + a.shape[1:])
+
+    edges = tuple(None if a is None else blocks(a, n_nodes if k == len(edges) - 1 else 0) for k, a in enumerate(edges))
+    scan = nn.scan(
+        nn.remat(body, prevent_cse=False),
+        variable_broadcast=["params", "constants"],
+        split_rngs={"params": False},
+        in_axes=(nn.broadcast, 0),
+    )
+    return scan(module, acc, node_feats, edges)[0]
+
+
 class EdgeTensorProduct(nn.Module):
     """e3nn `o3.TensorProduct(node irreps, edge attrs, out, 'uvu' instructions, shared_weights=False)`
     on each edge's sender, with e3nn's specialised code paths, channel-minor.

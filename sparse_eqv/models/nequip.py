@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
-from sparse_eqv.models.blocks import channel_minor, split_last, uvu_edge_product
+from sparse_eqv.models.blocks import channel_minor, over_edge_blocks, split_last, uvu_edge_product
 
 Irreps = tuple[tuple[int, int, int], ...]  # ((mul, l, p), ...), p = +1 even / -1 odd
 
@@ -356,12 +356,62 @@ class Gate(nn.Module):
         return flat(out) if out else jnp.zeros((x.shape[0], 0), x.dtype)
 
 
+def _conv_messages(interaction: "Interaction", acc, x, edges):
+    """One block of edges through the radial MLP and the 'uvu' convolution, summed onto receivers.
+
+    Args:
+        interaction: the Interaction (its `radial` MLP and `cg_*` constants are created in its scope).
+        acc: per irreps_mid chunk (N, 2l+1, mul), the messages summed so far.
+        x: (N, irreps_in.dim) node features after linear_1 and pre_norm.
+        edges: radial_basis (B, n_basis), sh (B, irreps_sh.dim), senders (B,), receivers (B,);
+            a receiver >= N marks a padding edge.
+
+    Returns:
+        (acc plus this block's messages, None), the body of `blocks.over_edge_blocks`.
+    """
+    radial_basis, sh, senders, receivers = edges
+    spec = interaction.spec
+    irr_in, irr_sh = parse_irreps(spec.irreps_in), parse_irreps(interaction.irreps_sh)
+    instructions, irr_mid = conv_instructions(irr_in, irr_sh, spec.gate.layout()[0], spec.sort_instructions)
+    n_weights = sum(irr_in[i][0] for i, _, _ in instructions)
+    weights = MLP(
+        dataclasses.replace(spec.radial, dims=spec.radial.dims + (n_weights,)), name="radial", parent=interaction
+    )(radial_basis)
+    # The convolution runs channel-minor: per irrep (E, 2l+1, mul), so every per-edge product is an
+    # elementwise loop over contiguous channels and its cotangents reduce over contiguous channels
+    # (SevenNet-0, float32 STR train step on 4 x 107 Cu atoms: 3.4-3.7 -> 2.2-2.6 s on 2 cores).
+    x_j = channel_minor(chunks(x, irr_in), senders)
+    y = chunks(sh, irr_sh)
+    y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
+    path_weights = split_last(weights, [irr_in[i][0] for i, _, _ in instructions])
+    acc = list(acc)
+    for (i, j, k), w in zip(instructions, path_weights):
+        l1 = irr_in[i][1]
+        l2, l3 = irr_sh[j][1], irr_mid[k][1]
+        if (l1, j, l3) not in y_cg:
+            cg = interaction.variable(
+                "constants", f"cg_{l1}_{l2}_{l3}",
+                lambda a=l1, b=l2, c=l3: jnp.asarray(e3nn_jax.clebsch_gordan(a, b, c), x.dtype),
+            ).value
+            # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
+            y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
+        message = uvu_edge_product(x_j[i], y_cg[(l1, j, l3)], w)  # (B, 2l3+1, mul)
+        acc[k] = acc[k] + jax.ops.segment_sum(message, receivers, num_segments=acc[k].shape[0])
+    return acc, None
+
+
 class Interaction(nn.Module):
-    """One convolution layer (see the module docstring)."""
+    """One convolution layer (see the module docstring).
+
+    The edges go through the radial MLP, the convolution and the sum onto
+    receivers in blocks of at most `edge_block` (`blocks.over_edge_blocks`);
+    None runs all edges at once.
+    """
 
     spec: LayerSpec
     irreps_sh: str
     num_types: int
+    edge_block: int | None = 512
 
     @nn.compact
     def __call__(self, x, node_attrs, species, sh, radial_basis, senders, receivers, modality=None):
@@ -382,32 +432,10 @@ class Interaction(nn.Module):
         pre_norm = self.variable("constants", "pre_norm", lambda: jnp.ones((self.num_types,), x.dtype)).value
         x = x * pre_norm[species][:, None]
 
-        instructions, irr_mid = conv_instructions(irr_in, irr_sh, gate_in, spec.sort_instructions)
-        n_weights = sum(irr_in[i][0] for i, _, _ in instructions)
-        weights = MLP(
-            dataclasses.replace(spec.radial, dims=spec.radial.dims + (n_weights,)), name="radial"
-        )(radial_basis)
-        # The convolution runs channel-minor: per irrep (E, 2l+1, mul), so every per-edge product is an
-        # elementwise loop over contiguous channels and its cotangents reduce over contiguous channels
-        # (SevenNet-0, float32 STR train step on 4 x 107 Cu atoms: 3.4-3.7 -> 2.2-2.6 s on 2 cores).
-        x_j = channel_minor(chunks(x, irr_in), senders)
-        y = chunks(sh, irr_sh)
-        mid: list[Any] = [None] * len(irr_mid)
-        y_cg: dict[tuple[int, int, int], jax.Array] = {}  # Y_j contracted with the CG block, (E, 2l1+1, 2l3+1)
-        path_weights = split_last(weights, [irr_in[i][0] for i, _, _ in instructions])
-        for (i, j, k), w in zip(instructions, path_weights):
-            l1 = irr_in[i][1]
-            l2, l3 = irr_sh[j][1], irr_mid[k][1]
-            if (l1, j, l3) not in y_cg:
-                cg = self.variable(
-                    "constants", f"cg_{l1}_{l2}_{l3}",
-                    lambda a=l1, b=l2, c=l3: jnp.asarray(e3nn_jax.clebsch_gordan(a, b, c), x.dtype),
-                ).value
-                # e3nn 'uvu', path normalisation 'element', one path per output chunk: sqrt(2 l3 + 1)
-                y_cg[(l1, j, l3)] = math.sqrt(2 * l3 + 1) * jnp.einsum("ej,ijk->eik", y[j][:, 0, :], cg)
-            mid[k] = uvu_edge_product(x_j[i], y_cg[(l1, j, l3)], w)  # (E, 2l3+1, mul)
-        # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
-        x = flat([jax.ops.segment_sum(m, receivers, num_segments=n_node).transpose(0, 2, 1) for m in mid])
+        _, irr_mid = conv_instructions(irr_in, irr_sh, gate_in, spec.sort_instructions)
+        acc = [jnp.zeros((n_node, 2 * l + 1, mul), x.dtype) for mul, l, _ in irr_mid]
+        acc = over_edge_blocks(_conv_messages, self, acc, x, (radial_basis, sh, senders, receivers), self.edge_block)
+        x = flat([a.transpose(0, 2, 1) for a in acc])
         post_norm = self.variable("constants", "post_norm", lambda: jnp.ones((), x.dtype)).value
         x = x / post_norm
 

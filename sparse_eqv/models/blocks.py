@@ -574,6 +574,17 @@ def uvu_edge_product(x: jax.Array, factor: jax.Array, w: jax.Array) -> jax.Array
     return sum(factor[:, q, :, None] * x[:, q, None, :] for q in range(x.shape[1])) * w[:, None, :]
 
 
+def cpu_block(block: int | None) -> int | None:
+    """`block` when JAX computes on CPU, else None (no blocks).
+
+    Blocks keep per-edge and per-node tensors cache-sized on CPU
+    (docs/performance.md, levers 6 and 11). On a GPU a serial loop over
+    small blocks would leave most of the device idle; there the models run
+    all edges and nodes at once (not measured: no GPU was lent).
+    """
+    return block if jax.default_backend() == "cpu" else None
+
+
 def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block: int | None):
     """Run `body` over equal blocks of at most edge_block edges, one after the other (`nn.scan`).
 
@@ -590,10 +601,11 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
         edges: tuple of (E, ...) arrays or None, the last one the receivers
             (E,) int; padding edges get receiver N (dropped by segment sums,
             whose num_segments is N) and zeros elsewhere.
-        edge_block: edges per block; None (or E <= edge_block): one call of
-            body on all edges.
+        edge_block: edges per block on CPU (`cpu_block`); None (or
+            E <= edge_block, or another backend): one call of body on all edges.
     """
     n_edges = edges[-1].shape[0]
+    edge_block = cpu_block(edge_block)
     if edge_block is None or n_edges <= edge_block:
         return body(module, acc, node_feats, edges)[0]
     n_nodes = jax.tree_util.tree_leaves(acc)[0].shape[0]

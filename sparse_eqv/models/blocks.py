@@ -585,6 +585,15 @@ def cpu_block(block: int | None) -> int | None:
     return block if jax.default_backend() == "cpu" else None
 
 
+def equal_blocks(a: jax.Array, max_block: int, fill=0) -> jax.Array:
+    """(n, ...) -> (n_blocks, b, ...): the fewest equal blocks of b <= max_block rows, padded at the end with fill."""
+    n = a.shape[0]
+    n_blocks = -(-n // max_block)
+    b = -(-n // n_blocks)
+    a = jnp.pad(a, ((0, n_blocks * b - n),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
+    return a.reshape((n_blocks, b) + a.shape[1:])
+
+
 def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block: int | None):
     """Run `body` over equal blocks of at most edge_block edges, one after the other (`nn.scan`).
 
@@ -609,15 +618,8 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
     if edge_block is None or n_edges <= edge_block:
         return body(module, acc, node_feats, edges)[0]
     n_nodes = jax.tree_util.tree_leaves(acc)[0].shape[0]
-    n_blocks = -(-n_edges // edge_block)
-    block = -(-n_edges // n_blocks)
-    pad = n_blocks * block - n_edges
-
-    def blocks(a, fill):
-        a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
-        return a.reshape((n_blocks, block) + a.shape[1:])
-
-    edges = tuple(None if a is None else blocks(a, n_nodes if k == len(edges) - 1 else 0) for k, a in enumerate(edges))
+    fills = (0,) * (len(edges) - 1) + (n_nodes,)
+    edges = tuple(None if a is None else equal_blocks(a, edge_block, fill) for a, fill in zip(edges, fills))
     scan = nn.scan(
         nn.remat(body, prevent_cse=False),
         variable_broadcast=["params", "constants"],

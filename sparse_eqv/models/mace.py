@@ -61,6 +61,7 @@ from sparse_eqv.models.blocks import (
     agnesi_transform,
     bessel_basis,
     cpu_block,
+    equal_blocks,
     normalize2mom_constant,
     over_edge_blocks,
     polynomial_cutoff,
@@ -443,13 +444,9 @@ class SymmetricContraction(nn.Module):
         if node_block is None or n <= node_block:
             chunks = contract(stacked, species)
         else:  # equal blocks of at most node_block nodes, one after the other, each recomputed in the backward pass
-            n_blocks = -(-n // node_block)
-            block = -(-n // n_blocks)
-            pad = n_blocks * block - n
-            blocks = jnp.pad(stacked, ((0, pad), (0, 0), (0, 0))).reshape(n_blocks, block, channels, dim)
-            block_species = jnp.pad(species, (0, pad)).reshape(n_blocks, block)
-            outs = jax.lax.map(jax.checkpoint(lambda args: contract(*args)), (blocks, block_species))
-            chunks = [o.reshape((n_blocks * block,) + o.shape[2:])[:n] for o in outs]
+            blocks = (equal_blocks(stacked, node_block), equal_blocks(species, node_block))
+            outs = jax.lax.map(jax.checkpoint(lambda args: contract(*args)), blocks)
+            chunks = [o.reshape((-1,) + o.shape[2:])[:n] for o in outs]
         return e3nn.from_chunks(irreps_out, chunks, (n,), stacked.dtype)
 
 

@@ -1,7 +1,7 @@
 """Where one JAX step spends its time, op by op: a jax.profiler trace joined with XLA's optimised HLO.
 
     python scripts/profile_ops.py {sevenn,mace} [--row train|predict] [--dtype float32] [--top 30]
-                                  [--mace-model PATH] [--tiny] [--json ops.json]
+                                  [--frame PREFIX] [--mace-model PATH] [--tiny] [--json ops.json]
 
 The row is set up exactly as in scripts/bench.py (same model, frames, batch,
 STR trainer). It runs once to compile and warm up, then once under
@@ -10,7 +10,8 @@ instruction in the optimised HLO (dumped with --xla_dump_to) and the
 durations are summed twice: by op kind (dot, scatter, each fusion kind) and
 by kind plus output shape (dots also by their contracting dimensions). On CPU
 the thunks run on XLA's intra-op threads, so the summed op time can exceed
-the call's wall time. predict profiles the 108-atom Cu frame.
+the call's wall time. predict profiles the bench frame whose name starts
+with --frame (default: the 108-atom Cu frame).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-PREDICT_FRAME = "Cu fcc (108 at.)"
 
 
 def _bench():
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--row", choices=("train", "predict"), default="train")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--frame", default="Cu", help="predict: prefix of the bench frame's name")
     p.add_argument("--mace-model", type=Path, help="MACE .model (as scripts/bench.py --mace-model); required for mace")
     p.add_argument("--tiny", action="store_true", help="bench.py's CI-sized model and frames")
     p.add_argument("--json", type=Path)
@@ -105,7 +106,8 @@ def main(argv=None) -> int:
     setup = argparse.Namespace(model=args.model, tiny=args.tiny, dtype=args.dtype, mace_file=args.mace_model)
     config, predictor = bench.jax_predictor(setup)
     if args.row == "predict":
-        frame = bench._frames(setup)[bench.TINY_FRAME if args.tiny else PREDICT_FRAME]
+        frames = bench._frames(setup)
+        frame = frames[bench.TINY_FRAME] if args.tiny else next(f for n, f in frames.items() if n.startswith(args.frame))
         graph = predictor.batch([predictor.graph(frame)])
         step = lambda: jax.block_until_ready(predictor.predict_graph(graph))  # noqa: E731
     else:

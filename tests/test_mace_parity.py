@@ -262,3 +262,44 @@ def test_parity_full_size_mp0_medium(tmp_path, mace_python, shared_data):
     assert config["hidden_irreps"] == "128x0e+128x1o"
     err = errors(predict(config, variables, tmp_path / "materials.extxyz"), np.load(tmp_path / "mp0.npz"))
     assert err["energy_per_atom"] <= E_TOL and err["forces"] <= F_TOL and err["stress"] <= S_TOL, err
+
+
+def test_symmetric_contraction_blocks_match_its_definition():
+    """The block-sparse contraction equals sum_nu sum_k W_nu[s, k, c] sum_abc U_nu[m, a, b, .., k] x_a x_b ..
+    for U columns that couple one multiset of l's (as mace's), several (merged into one block) or none."""
+    import e3nn_jax as e3nn
+
+    from sparse_eqv.models.mace import SymmetricContraction, coupling_blocks, u_couplings
+
+    rng = np.random.default_rng(0)
+    l_of_dim = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2])
+    blocks = {0: slice(0, 1), 1: slice(1, 4), 2: slice(4, 9)}
+
+    def column(*multisets):  # a (3, 9, 9) U_2 column of 1o, supported on the given (l_a, l_b) blocks
+        u = np.zeros((3, 9, 9))
+        for la, lb in multisets:
+            u[:, blocks[la], blocks[lb]] = rng.normal(size=u[:, blocks[la], blocks[lb]].shape)
+        return u
+
+    u2 = np.stack([column((0, 1)), column((1, 2), (2, 1)), column((0, 1), (2, 2)), column(), column((1, 1))], -1)
+    u1 = rng.normal(size=(3, 9, 1)) * (l_of_dim == 1)[None, :, None]
+    couplings = tuple(
+        tuple(tuple(tuple(ms) for ms in col) for col in u_couplings(u, l_of_dim, nu)) for nu, u in ((1, u1), (2, u2))
+    )
+    assert couplings[1][2] == ((0, 1), (2, 2)) and couplings[1][3] == () and couplings[1][1] == ((1, 2),)
+    blocks_2 = {ms: tuple(columns) for ms, columns in coupling_blocks(couplings[1])}
+    assert blocks_2 == {((0, 1), (2, 2)): (0, 2), ((1, 2),): (1,), ((1, 1),): (4,)}  # columns 0 and 2 share (0, 1)
+
+    n, channels, n_elements = 11, 2, 3
+    module = SymmetricContraction("2x0e+2x1o+2x2e", "2x1o", 2, n_elements, (couplings,), node_block=4)
+    x = e3nn.IrrepsArray("2x0e+2x1o+2x2e", jnp.asarray(rng.normal(size=(n, 18))))
+    species = jnp.asarray(rng.integers(0, n_elements, n))
+    variables = jax.jit(module.init)(jax.random.PRNGKey(0), x, species)
+    variables = {"params": variables["params"],
+                 "constants": {"U[1o,nu=1]": jnp.asarray(u1), "U[1o,nu=2]": jnp.asarray(u2)}}
+    out = np.asarray(module.apply(variables, x, species).array).reshape(n, channels, 3)
+
+    stacked = np.concatenate([np.asarray(c) for c in x.chunks], axis=-1)  # (n, C, 9)
+    w1, w2 = (np.asarray(variables["params"][f"w[1o,nu={nu}]"])[np.asarray(species)] for nu in (1, 2))
+    expected = np.einsum("mak,zkc,zca->zcm", u1, w1, stacked) + np.einsum("mabk,zkc,zca,zcb->zcm", u2, w2, stacked, stacked)
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)

@@ -61,7 +61,11 @@ TINY_MACE = {
     "num_interactions": 2, "hidden_irreps": "4x0e+4x1o", "MLP_irreps": "4x0e", "correlation": [2, 3], "gate": "silu",
     "radial_MLP": [8], "pair_repulsion": False, "distance_transform": "None", "apply_cutoff": True,
     "use_last_readout_only": False, "keep_last_layer_irreps": False, "heads": ["Default"], "head": "Default",
-    "product_num_params": [[[2, 3], [1, 4]], [[2, 3, 5]]], "dtype": "float64",
+    "product_couplings": [  # [layer][output irrep][nu - 1][U column]: multisets of l's
+        [[[[[0]], [[0]]], [[[0, 0]], [[1, 1]], [[2, 2]]]],
+         [[[[1]]], [[[0, 1]], [[1, 2]], [[0, 1], [1, 2]], []]]],
+        [[[[[0]], [[0]]], [[[0, 0]], [[1, 1]], [[2, 2]]], [[[0, 0, 0]], [[0, 1, 1]], [[1, 1, 2]], [[0, 2, 2]], [[2, 2, 2]]]]],
+    ], "dtype": "float64",
 }
 
 

@@ -48,6 +48,7 @@ from sparse_eqv.models.mace import (
     conv_tp_structure,
     mace_structure,
     sh_irreps,
+    u_couplings,
 )
 from weights_convert.torch_pickle import PickledObject, load_checkpoint, module_state_dict
 
@@ -240,11 +241,14 @@ def _read_config(path: Path, model: PickledObject, sd: dict, head: str | None) -
     cutoff_p = int(radial.cutoff_fn.p)
     if _attr(model, "pair_repulsion", False) and int(model.pair_repulsion_fn.p) != cutoff_p:
         raise _unsupported(path, "pair_repulsion_fn.p", int(model.pair_repulsion_fn.p), "ZBLBasis")
-    product_num_params = []
+    product_couplings = []
     for t, product in enumerate(products):
+        irreps_in = _irreps(product.symmetric_contractions.irreps_in)
+        l_of_dim = np.asarray([ir.l for _, ir in irreps_in for _ in range(ir.dim)])
         contractions = list(product.symmetric_contractions.contractions)
-        product_num_params.append(
-            [[int(sd[f"products.{t}.symmetric_contractions.contractions.{o}.U_matrix_{nu}"].shape[-1])
+        product_couplings.append(
+            [[u_couplings(np.asarray(sd[f"products.{t}.symmetric_contractions.contractions.{o}.U_matrix_{nu}"]),
+                          l_of_dim, nu)
               for nu in range(1, int(c.correlation) + 1)] for o, c in enumerate(contractions)]
         )
     return {
@@ -270,7 +274,7 @@ def _read_config(path: Path, model: PickledObject, sd: dict, head: str | None) -
         "keep_last_layer_irreps": n > 1 and len(last_out) > 1,
         "heads": heads,
         "head": head,
-        "product_num_params": product_num_params,
+        "product_couplings": product_couplings,
     }
 
 

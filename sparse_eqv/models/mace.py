@@ -38,6 +38,7 @@ Variables:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -356,16 +357,69 @@ def monomials(x: jax.Array, nu: int) -> jax.Array:
     return out
 
 
-def monomial_coefficients(u: jax.Array, nu: int) -> jax.Array:
-    """U (M, D, ..., D, K) with nu D axes -> (M, P, K).
+def monomial_coefficients(u: jax.Array, rows: np.ndarray) -> jax.Array:
+    """U (M, D, ..., D, K) with nu D axes -> (M, P', K) for the monomials `rows` of monomial_indices(D, nu).
 
     The coefficient of each monomial in sum_{a,b,..} U[m, a, b, .., k] x_a x_b ..:
     U summed over the distinct permutations of the monomial's indices.
     """
-    m, dim, k = u.shape[0], u.shape[1], u.shape[-1]
+    m, dim, k, nu = u.shape[0], u.shape[1], u.shape[-1], u.ndim - 2
     flat = jnp.concatenate([u.reshape(m, dim**nu, k), jnp.zeros((m, 1, k), u.dtype)], axis=1)
     _, entries = monomial_indices(dim, nu)
-    return flat[:, entries, :].sum(axis=2)
+    return flat[:, entries[rows], :].sum(axis=2)
+
+
+Multiset = tuple[int, ...]  # the sorted l's of the nu inputs one U column couples, e.g. (1, 2, 3)
+
+
+def u_couplings(u: np.ndarray, l_of_dim: np.ndarray, nu: int) -> list[list[list[int]]]:
+    """Per column k of a U_nu matrix ([M,] D, ..., D, K; nu D axes): the multisets of l's its nonzero entries couple.
+
+    l_of_dim (D,) is the l of each axis entry. mace builds every column from
+    one coupling path, so each holds one multiset (none if all zero); the
+    converter stores these as the config's `product_couplings`.
+    """
+    u = np.asarray(u).reshape((-1,) + u.shape[u.ndim - nu - 1 :])
+    couplings = []
+    for k in range(u.shape[-1]):
+        support = np.argwhere(u[..., k] != 0)[:, 1:]  # (entries, nu) axis indices
+        multisets = sorted({tuple(sorted(int(l) for l in l_of_dim[entry])) for entry in support})
+        couplings.append([list(ms) for ms in multisets])  # lists: the config is JSON
+    return couplings
+
+
+def coupling_blocks(couplings: tuple[tuple[Multiset, ...], ...]) -> list[tuple[tuple[Multiset, ...], np.ndarray]]:
+    """Group U columns that share monomials: [(multisets, columns)], multisets sorted, columns (K_b,).
+
+    Args:
+        couplings: per column k of one U_nu, the multisets of l's its nonzero
+            entries couple (one for mace's U; none for an all-zero column).
+
+    Returns:
+        The connected components of columns linked by a common multiset: each
+        column's monomials lie in its block's multisets only, so a block is a
+        dense (P_b, K_b) piece of the otherwise zero (P, K) coefficients.
+        All-zero columns are in no block.
+    """
+    blocks: list[tuple[set, list[int]]] = []
+    for k, multisets in enumerate(couplings):
+        if not multisets:
+            continue
+        joined = (set(multisets), [k])
+        for block in [b for b in blocks if b[0] & joined[0]]:
+            blocks.remove(block)
+            joined = (joined[0] | block[0], block[1] + joined[1])
+        blocks.append(joined)
+    return [(tuple(sorted(ms)), np.asarray(sorted(ks))) for ms, ks in blocks]
+
+
+def multiset_rows(l_of_dim: np.ndarray, multiset: Multiset) -> np.ndarray:
+    """Rows of monomial_indices(D, nu) whose nu factors have the l's `multiset`, in their (lex) order.
+
+    l_of_dim (D,) is the l of each axis of x, non-decreasing (irreps sorted by l).
+    """
+    factors, _ = monomial_indices(len(l_of_dim), len(multiset))
+    return np.flatnonzero((l_of_dim[factors] == np.asarray(multiset)).all(axis=1))
 
 
 class SymmetricContraction(nn.Module):
@@ -379,22 +433,29 @@ class SymmetricContraction(nn.Module):
     which equals mace's nested form (out = x . (U_nu . W_nu + out), nu from
     the correlation down to 1). It is evaluated in the basis of monomials:
     the nu-fold product of x has only C(D + nu - 1, nu) distinct entries
-    (816 instead of 4096 for D = 16, nu = 3), and U, summed over index
-    permutations, contracts them in one matrix product per nu, shared by all
-    nodes (mace instead contracts U with each node's weights first).
+    (816 instead of 4096 for D = 16, nu = 3). Each column k of U couples
+    one multiset of input l's (`couplings`, read from the checkpoint's U by
+    the converter), so the monomial coefficients are block-sparse: per
+    block of columns (`coupling_blocks`) the monomials of its multisets,
+    built as products of the per-l monomials, contract with a dense
+    (P_b, M, K_b) piece. MACE-MP-0b3-medium size, layer 1 (U_3 of 1o: 41616
+    monomial-column pairs, 2495 in blocks): energy and gradient of 424 nodes
+    on the 2-core CPU of docs/performance.md 1175 -> 277 ms in float64,
+    290 -> 166 ms in float32.
 
     Nodes are contracted in blocks of at most `node_block`, one block after
     the other (`lax.map`), each block rematerialised in the backward passes:
-    the (block, C, P_nu) monomials and their cotangents then stay small. On
-    the 2-core CPU of docs/performance.md (MACE-MP-0b3-medium size, float32
-    STR train step on 4 x 107 Cu atoms) blocks of 128 nodes took peak RSS
-    from 6.66 to 4.12 GB and the step from 5.1 to 3.5-3.9 s; with the
-    convolutions over edge blocks as well, blocks of 8 nodes instead of 128
-    took the float32 108-atom prediction from 0.51 to 0.35 s.
+    the (block, C, P) monomials and their cotangents then stay small. On
+    the same CPU (float32 STR train step on 4 x 107 Cu atoms) blocks of 128
+    nodes took peak RSS from 6.66 to 4.12 GB and the step from 5.1 to
+    3.5-3.9 s; with the convolutions over edge blocks as well, blocks of 8
+    nodes instead of 128 took the float32 108-atom prediction from 0.51 to
+    0.35 s.
 
     Attributes:
-        num_params: per output irrep, K_nu for nu = 1..correlation (the last
-            axis of mace's U_matrix_nu buffers).
+        irreps_in: each l at most once, sorted by l (mace's interaction target irreps).
+        couplings: per output irrep, per nu = 1..correlation, per column k of
+            U_nu (K_nu = its length): the multisets of input l's it couples.
         node_block: nodes per block on CPU (None, or another backend: all
             nodes at once; `blocks.cpu_block`).
     """
@@ -403,49 +464,76 @@ class SymmetricContraction(nn.Module):
     irreps_out: str
     correlation: int
     num_elements: int
-    num_params: tuple[tuple[int, ...], ...]
+    couplings: tuple[tuple[tuple[tuple[Multiset, ...], ...], ...], ...]
     param_dtype: Any = jnp.float64
     node_block: int | None = 8
 
     @nn.compact
     def __call__(self, x: e3nn.IrrepsArray, species: jax.Array) -> e3nn.IrrepsArray:
         """x (N, irreps_in) features, species (N,) element indices -> (N, irreps_out)."""
-        irreps_out = e3nn.Irreps(self.irreps_out)
+        irreps_in, irreps_out = e3nn.Irreps(self.irreps_in), e3nn.Irreps(self.irreps_out)
+        ls = [ir.l for _, ir in irreps_in]
+        if ls != sorted(set(ls)):
+            raise ValueError(f"SymmetricContraction: irreps_in {irreps_in} must hold each l once, sorted by l")
+        l_of_dim = np.asarray([ir.l for _, ir in irreps_in for _ in range(ir.dim)])
         stacked = _stack_irreps(x)  # (N, C, D)
         n, channels, dim = stacked.shape
-        coefficients, weights = [], []
-        for (mul, ir), sizes in zip(irreps_out, self.num_params):
+        blocks, weights = [], []  # per output irrep: [(multisets, (M, P_b, K_b))], (n_elements, sum K_b, C)
+        for (_, ir), couplings in zip(irreps_out, self.couplings):
             m_shape = (ir.dim,) if ir.l > 0 else ()
-            cs, ws = {}, {}
+            out_blocks, out_weights = [], []
             for nu in range(self.correlation, 0, -1):
-                k = sizes[nu - 1]
+                k = len(couplings[nu - 1])
                 u = self.variable(
                     "constants", f"U[{ir},nu={nu}]", lambda s=m_shape + (dim,) * nu + (k,): jnp.zeros(s, self.param_dtype)
                 ).value
-                ws[nu] = self.param(
+                w = self.param(
                     f"w[{ir},nu={nu}]", nn.initializers.normal(1.0 / k), (self.num_elements, k, channels), self.param_dtype
                 )
-                cs[nu] = monomial_coefficients(u.reshape((ir.dim,) + u.shape[len(m_shape) :]), nu)  # (M, P, K)
-            coefficients.append(cs)
-            weights.append(ws)
+                u = u.reshape((ir.dim,) + u.shape[len(m_shape) :])
+                for multisets, columns in coupling_blocks(couplings[nu - 1]):
+                    rows = np.concatenate([multiset_rows(l_of_dim, ms) for ms in multisets])
+                    out_blocks.append((multisets, monomial_coefficients(u, rows)[:, :, columns]))
+                    out_weights.append(w[:, columns, :])
+            blocks.append(out_blocks)
+            weights.append(jnp.concatenate(out_weights, axis=1) if out_weights else None)
+        offsets = {l: int(np.flatnonzero(l_of_dim == l)[0]) for l in ls}
 
         def contract(stacked, species):
-            products = {nu: monomials(stacked, nu) for nu in range(1, self.correlation + 1)}  # (n, C, P_nu)
+            powers: dict[tuple[int, int], jax.Array] = {}  # (l, count) -> (n, C, P): monomials of one irrep
+
+            def multiset_monomials(multiset):  # (n, C, P_ms), in multiset_rows order
+                out = None
+                for l, count in sorted(collections.Counter(multiset).items()):
+                    if (l, count) not in powers:
+                        x_l = stacked[..., offsets[l] : offsets[l] + 2 * l + 1]
+                        powers[l, count] = x_l if count == 1 else monomials(x_l, count)
+                    f = powers[l, count]
+                    out = f if out is None else (out[..., :, None] * f[..., None, :]).reshape(f.shape[:-1] + (-1,))
+                return out
+
+            mono = {ms: multiset_monomials(ms) for out_blocks in blocks for multisets, _ in out_blocks for ms in multisets}
             chunks = []
-            for (_, ir), cs, ws in zip(irreps_out, coefficients, weights):
-                out = jnp.zeros(stacked.shape[:2] + (ir.dim,), stacked.dtype)
-                for nu in range(self.correlation, 0, -1):
-                    basis = jnp.einsum("zcp,mpk->zcmk", products[nu], cs[nu])
-                    out = out + jnp.einsum("zcmk,zkc->zcm", basis, ws[nu][species])
-                chunks.append(out)  # (n, C, 2L+1)
+            for (_, ir), out_blocks, w in zip(irreps_out, blocks, weights):
+                if not out_blocks:
+                    chunks.append(jnp.zeros(stacked.shape[:2] + (ir.dim,), stacked.dtype))
+                    continue
+                basis = jnp.concatenate(
+                    [
+                        jnp.einsum("zcp,mpk->zcmk", jnp.concatenate([mono[ms] for ms in multisets], axis=-1), coeff)
+                        for multisets, coeff in out_blocks
+                    ],
+                    axis=-1,
+                )  # (n, C, M, sum K_b)
+                chunks.append(jnp.einsum("zcmk,zkc->zcm", basis, w[species]))  # (n, C, 2L+1)
             return chunks
 
         node_block = cpu_block(self.node_block)
         if node_block is None or n <= node_block:
             chunks = contract(stacked, species)
         else:  # equal blocks of at most node_block nodes, one after the other, each recomputed in the backward pass
-            blocks = (equal_blocks(stacked, node_block), equal_blocks(species, node_block))
-            outs = jax.lax.map(jax.checkpoint(lambda args: contract(*args)), blocks)
+            node_blocks = (equal_blocks(stacked, node_block), equal_blocks(species, node_block))
+            outs = jax.lax.map(jax.checkpoint(lambda args: contract(*args)), node_blocks)
             chunks = [o.reshape((-1,) + o.shape[2:])[:n] for o in outs]
         return e3nn.from_chunks(irreps_out, chunks, (n,), stacked.dtype)
 
@@ -457,14 +545,14 @@ class ProductBlock(nn.Module):
     irreps_out: str
     correlation: int
     num_elements: int
-    num_params: tuple[tuple[int, ...], ...]
+    couplings: tuple[tuple[tuple[tuple[Multiset, ...], ...], ...], ...]
     use_sc: bool
     param_dtype: Any = jnp.float64
 
     @nn.compact
     def __call__(self, node_feats, sc, species):
         out = SymmetricContraction(
-            self.irreps_in, self.irreps_out, self.correlation, self.num_elements, self.num_params, self.param_dtype,
+            self.irreps_in, self.irreps_out, self.correlation, self.num_elements, self.couplings, self.param_dtype,
             name="symmetric_contractions",
         )(node_feats, species)
         out = Linear(self.irreps_out, self.irreps_out, self.param_dtype, name="linear")(out)
@@ -516,8 +604,9 @@ class MACE(nn.Module):
     """mace-torch `MACE` / `ScaleShiftMACE` evaluating one head; see the module docstring.
 
     Attributes mirror mace's constructor arguments (config keys of the same
-    name); `product_num_params[t][o]` holds K_nu (nu = 1..correlation) of
-    layer t's output irrep o.
+    name); `product_couplings[t][o][nu - 1]` holds, per column of U_nu of
+    layer t's output irrep o, the multisets of input l's it couples (its
+    length is K_nu; see `SymmetricContraction`).
 
     `init` gives random weights and mace's default constants, except the U
     matrices (zeros): they are read from a checkpoint by the converter.
@@ -544,7 +633,7 @@ class MACE(nn.Module):
     keep_last_layer_irreps: bool
     heads: tuple[str, ...]
     head: str
-    product_num_params: tuple[tuple[tuple[int, ...], ...], ...]
+    product_couplings: tuple[tuple[tuple[tuple[tuple[Multiset, ...], ...], ...], ...], ...]
     dtype: str = "float64"
     return_features: bool = False  # also return each layer's features: (node_energies, (N, dim) per layer)
 
@@ -552,7 +641,7 @@ class MACE(nn.Module):
         "mace_class", "atomic_numbers", "r_max", "num_bessel", "num_polynomial_cutoff", "max_ell",
         "interaction_first", "interaction", "num_interactions", "hidden_irreps", "MLP_irreps", "correlation",
         "gate", "radial_MLP", "pair_repulsion", "distance_transform", "apply_cutoff", "use_last_readout_only",
-        "keep_last_layer_irreps", "heads", "head", "product_num_params", "dtype",
+        "keep_last_layer_irreps", "heads", "head", "product_couplings", "dtype",
     )  # fmt: skip
 
     @classmethod
@@ -617,7 +706,7 @@ class MACE(nn.Module):
                 n_elements, self.num_bessel, tuple(self.radial_MLP), dtype, name=f"interactions_{t}",
             )(node_attrs, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff)
             node_feats = ProductBlock(
-                layer.target, layer.hidden_out, layer.correlation, n_elements, self.product_num_params[t], layer.use_sc,
+                layer.target, layer.hidden_out, layer.correlation, n_elements, self.product_couplings[t], layer.use_sc,
                 dtype, name=f"products_{t}",
             )(message, sc, species)
             features.append(node_feats)

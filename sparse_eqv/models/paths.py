@@ -309,10 +309,10 @@ def _describe_mace(config: dict[str, Any]) -> dict[str, LeafInfo]:
         infos.update(_mace_linear(f"{inter}/linear", layer, irreps_mid, target, paths=by_output))
 
         prod = f"products_{t}"
-        for (_, ir), sizes in zip(hidden, module.product_num_params[t]):
+        for (_, ir), couplings in zip(hidden, module.product_couplings[t]):
             for nu in range(1, spec.correlation + 1):
                 infos[f"params/{prod}/symmetric_contractions/w[{ir},nu={nu}]"] = LeafInfo(
-                    layer, f"{prod}/symmetric_contractions", (n_elements, sizes[nu - 1], channels),
+                    layer, f"{prod}/symmetric_contractions", (n_elements, len(couplings[nu - 1]), channels),
                     path=f"nu={nu} -> {ir}", l=ir.l, element=_per_element(0, symbols),
                 )
         infos.update(_mace_linear(f"{prod}/linear", layer, hidden, hidden))

@@ -57,8 +57,8 @@ from sparse_eqv.models.blocks import (
     ACTIVATIONS,
     EdgeTensorProduct,
     FullyConnectedNet,
-    FullyConnectedTensorProduct,
     Linear,
+    SpeciesTensorProduct,
     agnesi_transform,
     bessel_basis,
     cpu_block,
@@ -283,17 +283,20 @@ class InteractionBlock(nn.Module):
     edge_block: int | None = 512
 
     @nn.compact
-    def __call__(self, node_attrs, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff):
-        """Returns (message IrrepsArray of target irreps (N,), skip IrrepsArray or None)."""
+    def __call__(self, species, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff):
+        """Returns (message IrrepsArray of target irreps (N,), skip IrrepsArray or None).
+
+        skip_tp, mace's FullyConnectedTensorProduct(x, one-hot node attrs), gathers each
+        node's element weights (`blocks.SpeciesTensorProduct`) from species (N,).
+        """
         residual = "Residual" in self.kind
         density = "Density" in self.kind
         n_nodes = node_feats.shape[0]
-        attrs_irreps = f"{self.num_elements}x0e"
         sc = None
         if residual:
-            sc = FullyConnectedTensorProduct(
-                self.node_feats_irreps, attrs_irreps, self.hidden_irreps, self.param_dtype, name="skip_tp"
-            )(node_feats, node_attrs)
+            sc = SpeciesTensorProduct(
+                self.node_feats_irreps, self.num_elements, self.hidden_irreps, self.param_dtype, name="skip_tp"
+            )(node_feats, species)
         node_feats = Linear(self.node_feats_irreps, self.node_feats_irreps, self.param_dtype, name="linear_up")(node_feats)
         irreps_in = e3nn.Irreps(self.node_feats_irreps)
         irreps_edge = e3nn.Irreps(self.edge_attrs_irreps)
@@ -317,9 +320,9 @@ class InteractionBlock(nn.Module):
             avg_num_neighbors = self.variable("constants", "avg_num_neighbors", lambda: jnp.asarray(1.0, self.param_dtype))
             message = e3nn.IrrepsArray(message.irreps, message.array / avg_num_neighbors.value)
         if not residual:
-            message = FullyConnectedTensorProduct(
-                self.target_irreps, attrs_irreps, self.target_irreps, self.param_dtype, name="skip_tp"
-            )(message, node_attrs)
+            message = SpeciesTensorProduct(
+                self.target_irreps, self.num_elements, self.target_irreps, self.param_dtype, name="skip_tp"
+            )(message, species)
         return message, sc
 
 
@@ -704,7 +707,7 @@ class MACE(nn.Module):
             message, sc = InteractionBlock(
                 layer.interaction, layer.node_feats, str(sh_irreps(self.max_ell)), layer.target, layer.hidden_out,
                 n_elements, self.num_bessel, tuple(self.radial_MLP), dtype, name=f"interactions_{t}",
-            )(node_attrs, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff)
+            )(species, node_feats, edge_attrs, edge_feats, senders, receivers, cutoff)
             node_feats = ProductBlock(
                 layer.target, layer.hidden_out, layer.correlation, n_elements, self.product_couplings[t], layer.use_sc,
                 dtype, name=f"products_{t}",

@@ -39,7 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
-from sparse_eqv.models.blocks import channel_minor, over_edge_blocks, split_last, uvu_edge_product
+from sparse_eqv.models.blocks import (
+    channel_minor,
+    over_edge_blocks,
+    per_element_product,
+    split_last,
+    uvu_edge_product,
+)
 
 Irreps = tuple[tuple[int, int, int], ...]  # ((mul, l, p), ...), p = +1 even / -1 odd
 
@@ -281,16 +287,22 @@ class ScalarTensorProduct(nn.Module):
 
     Leaf w[i_x,0,i_out] (mul_x, n_attr, mul_out) per path; path normalisation
     'element': out_j = sum_i einsum(x_i, s, w) / sqrt(sum_i mul_i * n_attr).
+
+    Attributes:
+        num_types: n_attr when the attributes are one_hot(species) (SevenNet):
+            then each node's weight slice is gathered (`blocks.per_element_product`).
     """
 
     irreps_in: str
     irreps_out: str
+    num_types: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, attrs: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, attrs: jax.Array | None, species: jax.Array) -> jax.Array:
+        """x (N, irreps_in.dim), attrs (N, n_attr) or None for one_hot(species), species (N,) -> (N, irreps_out.dim)."""
         irr_in, irr_out = parse_irreps(self.irreps_in), parse_irreps(self.irreps_out)
         xs = chunks(x, irr_in)
-        n_attr = attrs.shape[1]
+        n_attr = self.num_types if attrs is None else attrs.shape[1]
         outs = []
         for j, (mo, lo, po) in enumerate(irr_out):
             paths = [i for i, (_, l, p) in enumerate(irr_in) if (l, p) == (lo, po)]
@@ -298,7 +310,10 @@ class ScalarTensorProduct(nn.Module):
             acc = jnp.zeros((x.shape[0], mo, 2 * lo + 1), x.dtype)
             for i in paths:
                 w = self.param(f"w[{i},0,{j}]", nn.initializers.normal(1.0), (irr_in[i][0], n_attr, mo), x.dtype)
-                acc = acc + jnp.einsum("nui,nv,uvw->nwi", xs[i], attrs, w) / math.sqrt(fan_in)
+                if attrs is None:
+                    acc = acc + per_element_product(xs[i], species, w) / math.sqrt(fan_in)
+                else:
+                    acc = acc + jnp.einsum("nui,nv,uvw->nwi", xs[i], attrs, w) / math.sqrt(fan_in)
             outs.append(acc)
         return flat(outs)
 
@@ -424,7 +439,9 @@ class Interaction(nn.Module):
         if spec.self_connection == "linear":
             sc = E3Linear(spec.irreps_in, irreps_str(gate_in), name="self_connection")(x)
         elif spec.self_connection == "tensor_product":
-            sc = ScalarTensorProduct(spec.irreps_in, irreps_str(gate_in), name="self_connection")(x, node_attrs)
+            sc = ScalarTensorProduct(spec.irreps_in, irreps_str(gate_in), self.num_types, name="self_connection")(
+                x, node_attrs, species
+            )
         else:
             sc = None
 
@@ -561,7 +578,7 @@ class NequIP(nn.Module):
             "embedding", nn.initializers.normal(1.0), (self.num_types, self.embedding_features), dtype
         )
         x = table[species] * self.embedding_scale
-        node_attrs = jax.nn.one_hot(species, self.num_types, dtype=dtype) if self.node_attrs == "one_hot" else x
+        node_attrs = None if self.node_attrs == "one_hot" else x  # None: one_hot(species), gathered by ScalarTensorProduct
         modality = None
         if self.num_modalities:
             modality = self.variable(

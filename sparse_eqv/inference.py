@@ -61,7 +61,11 @@ class Predictor:
 
     Attributes:
         config: the model directory's config.
-        variables: {"params", "constants"} in the model's dtype.
+        variables: {"params", "constants"} in the model's dtype, kept on the
+            default device (passing host arrays to every call copied them
+            each time: 5 ms of MACE-MP-0b3-medium's 42 ms aspirin prediction
+            in float32). Assigning new weights of the same architecture casts
+            and places them, and reuses the compiled prediction.
         budgets: the padding budgets seen so far (at most one compilation each).
     """
 
@@ -69,9 +73,17 @@ class Predictor:
         self.config = config
         self.dtype = _dtype(config)
         self.module = build_model(config)
-        self.variables = cast_floats(variables, self.dtype)
+        self.variables = variables
         self.budgets: set[GraphBudget] = set()
         self._predict = prediction_function(json.dumps(config, sort_keys=True))
+
+    @property
+    def variables(self) -> Any:
+        return self._variables
+
+    @variables.setter
+    def variables(self, variables: Any) -> None:
+        self._variables = jax.device_put(cast_floats(variables, self.dtype))
 
     @property
     def cutoff(self) -> float:

@@ -171,7 +171,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     from sparse_eqv.finetune.evaluate import prediction_metrics
     from sparse_eqv.finetune.loop import TrainConfig
     from sparse_eqv.finetune.run import MethodOptions, finetune
-    from sparse_eqv.inference import Predictor, cast_floats
+    from sparse_eqv.inference import Predictor
     from sparse_eqv.report import write_report
     from weights_convert.export import export_run
 
@@ -217,7 +217,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
 
     tuned_config, tuned_variables = load_for_inference(run_dir)
     # Same architecture, new weights: the compiled prediction is reused.
-    predictor.variables = cast_floats(tuned_variables, predictor.dtype)
+    predictor.variables = tuned_variables
     tuned_predictions = predictor.predict(test)
     tuned = prediction_metrics(test, tuned_predictions, tuned_config["atomic_numbers"])
 

@@ -9,11 +9,10 @@ order so float64 results agree to rounding:
     activations                    ACTIVATIONS, normalize2mom_constant
     e3nn.nn.FullyConnectedNet      FullyConnectedNet
     e3nn.o3.Linear                 Linear, linear_instructions
-    e3nn.o3.TensorProduct          tensor_product, TPInstruction, tp_path_weights;
+    e3nn.o3.TensorProduct          TPInstruction, tp_path_weights;
                                    EdgeTensorProduct (per-edge weights, channel-minor),
                                    channel_minor, uvu_edge_product
-    e3nn.o3.FullyConnectedTP       FullyConnectedTensorProduct,
-                                   fully_connected_tp_instructions;
+    e3nn.o3.FullyConnectedTP       fully_connected_tp_instructions;
                                    SpeciesTensorProduct, per_element_product
                                    (its second operand one_hot(species))
     e3nn.o3.Irreps.sort (torch)    sort_irreps, simplify_irreps
@@ -412,68 +411,6 @@ def tp_path_weights(
     return out
 
 
-def tensor_product(
-    x1: e3nn.IrrepsArray,
-    x2: e3nn.IrrepsArray,
-    irreps_out: e3nn.Irreps,
-    instructions: Sequence[TPInstruction],
-    weights: Sequence[jax.Array],
-    w3j: dict[tuple[int, int, int], jax.Array],
-) -> e3nn.IrrepsArray:
-    """e3nn `o3.TensorProduct` forward ('uvw', 'uvu'), code path by code path.
-
-    Args:
-        x1, x2: (B, irreps_in1.dim), (B, irreps_in2.dim).
-        irreps_out: output irreps.
-        instructions: from `tp_path_weights`.
-        weights: per instruction, its shared weight with shape path_shape.
-        w3j: Clebsch-Gordan block (2l1+1, 2l2+1, 2l3+1) per (l1, l2, l3) used
-            by a path without an l=0 operand (e3nn's specialised code skips the
-            CG block there), in the checkpoint's sign convention.
-
-    Returns:
-        (B, irreps_out.dim).
-    """
-    batch = x1.shape[0]
-    dtype = x1.dtype
-    chunks1, chunks2 = irreps_chunks(x1), irreps_chunks(x2)
-    outputs: list[list[jax.Array]] = [[] for _ in irreps_out]
-    for ins, w in zip(instructions, weights):
-        m1, m2, mo = x1.irreps[ins.i_in1], x2.irreps[ins.i_in2], irreps_out[ins.i_out]
-        if m1.dim == 0 or m2.dim == 0 or mo.dim == 0:
-            continue
-        a = _zeros_if_none(chunks1[ins.i_in1], (batch, m1.mul, m1.ir.dim), dtype)
-        b = _zeros_if_none(chunks2[ins.i_in2], (batch, m2.mul, m2.ir.dim), dtype)
-        l1, l2, lo = m1.ir.l, m2.ir.l, mo.ir.l
-        if not ins.has_weight:
-            raise ValueError("tensor_product: instructions without weight are not implemented")
-        if ins.mode == "uvw":
-            if (l1, l2, lo) == (0, 0, 0):
-                r = jnp.einsum("uvw,zu,zv->zw", w, a[..., 0], b[..., 0])[..., None]
-            elif l1 == 0:
-                r = jnp.einsum("uvw,zu,zvj->zwj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
-            elif l2 == 0:
-                r = jnp.einsum("uvw,zui,zv->zwi", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
-            elif lo == 0:
-                r = jnp.einsum("uvw,zui,zvi->zw", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
-            else:
-                r = jnp.einsum("uvw,ijk,zui,zvj->zwk", w, w3j[(l1, l2, lo)], a, b)
-        else:  # uvu
-            if (l1, l2, lo) == (0, 0, 0):
-                r = jnp.einsum("uv,zu,zv->zu", w, a[..., 0], b[..., 0])[..., None]
-            elif l1 == 0:
-                r = jnp.einsum("uv,zu,zvj->zuj", w, a[..., 0], b) / math.sqrt(mo.ir.dim)
-            elif l2 == 0:
-                r = jnp.einsum("uv,zui,zv->zui", w, a, b[..., 0]) / math.sqrt(mo.ir.dim)
-            elif lo == 0:
-                r = jnp.einsum("uv,zui,zvi->zu", w, a, b)[..., None] / math.sqrt(m1.ir.dim)
-            else:
-                r = jnp.einsum("uv,ijk,zui,zvj->zuk", w, w3j[(l1, l2, lo)], a, b)
-        outputs[ins.i_out].append(ins.path_weight * r)
-    chunks = [_sum_or_zeros(outs, (batch, mo.mul, mo.ir.dim), dtype) for outs, mo in zip(outputs, irreps_out)]
-    return e3nn.from_chunks(irreps_out, chunks, (batch,), dtype)
-
-
 def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array) -> jax.Array:
     """out[z, o, i] = sum_u x[z, u, i] w[u, species[z], o]: a 'uvw' path whose second operand is one_hot(species).
 
@@ -495,7 +432,7 @@ def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array) -> jax.A
 def tp_w3j_keys(
     irreps_in1: e3nn.Irreps, irreps_in2: e3nn.Irreps, irreps_out: e3nn.Irreps, instructions: Sequence[TPInstruction],
 ) -> list[tuple[int, int, int]]:
-    """(l1, l2, l3) of the Clebsch-Gordan blocks `tensor_product` and `EdgeTensorProduct` read, in first-use order."""
+    """(l1, l2, l3) of the Clebsch-Gordan blocks `EdgeTensorProduct` reads (paths without an l=0 operand), in first-use order."""
     keys = []
     for ins in instructions:
         l1, l2, lo = irreps_in1[ins.i_in1].ir.l, irreps_in2[ins.i_in2].ir.l, irreps_out[ins.i_out].ir.l
@@ -533,43 +470,6 @@ def w3j_name(key: tuple[int, int, int]) -> str:
     return "w3j_{}_{}_{}".format(*key)
 
 
-class FullyConnectedTensorProduct(nn.Module):
-    """e3nn `o3.FullyConnectedTensorProduct` with internal shared weights.
-
-    Attributes:
-        irreps_in1, irreps_in2, irreps_out: irreps strings.
-        param_dtype: dtype of the weights.
-
-    Params: `w[i1,i2,i_out] a,b,c` (mul1, mul2, mul_out) per path.
-    Constants: `w3j_l1_l2_l3` per non-specialised path (defaults from
-    e3nn-jax; converters put the checkpoint's blocks there).
-    """
-
-    irreps_in1: str
-    irreps_in2: str
-    irreps_out: str
-    param_dtype: Any = jnp.float64
-
-    @nn.compact
-    def __call__(self, x1: e3nn.IrrepsArray, x2: e3nn.IrrepsArray) -> e3nn.IrrepsArray:
-        """(B, in1.dim), (B, in2.dim) -> (B, out.dim)."""
-        in1, in2, out = e3nn.Irreps(self.irreps_in1), e3nn.Irreps(self.irreps_in2), e3nn.Irreps(self.irreps_out)
-        if x1.irreps != in1 or x2.irreps != in2:
-            raise ValueError(f"FullyConnectedTensorProduct expects {in1} x {in2}, got {x1.irreps} x {x2.irreps}")
-        instructions = fully_connected_tp_instructions(in1, in2, out)
-        weights = [
-            self.param(tp_weight_name(ins, in1, in2, out), nn.initializers.normal(1.0), ins.shape, self.param_dtype)
-            for ins in instructions
-        ]
-        w3j = {
-            key: self.variable(
-                "constants", w3j_name(key), lambda k=key: jnp.asarray(e3nn.clebsch_gordan(*k), self.param_dtype)
-            ).value
-            for key in tp_w3j_keys(in1, in2, out, instructions)
-        }
-        return tensor_product(x1, x2, out, instructions, weights, w3j)
-
-
 class SpeciesTensorProduct(nn.Module):
     """e3nn `o3.FullyConnectedTensorProduct(irreps_in1, "{n}x0e", irreps_out)` applied to one_hot(species).
 
@@ -578,7 +478,7 @@ class SpeciesTensorProduct(nn.Module):
         num_elements: n, the one-hot width.
         param_dtype: dtype of the weights.
 
-    Params: as FullyConnectedTensorProduct's, `w[i1,0,i_out] a,nx0e,c`
+    Params: one per e3nn instruction, `w[i1,0,i_out] a,nx0e,c`
     (mul1, n, mul_out) per path; each node's slice is gathered
     (`per_element_product`).
     """

@@ -411,13 +411,14 @@ def tp_path_weights(
     return out
 
 
-def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array) -> jax.Array:
+def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array, node_block: int | None = None) -> jax.Array:
     """out[z, o, i] = sum_u x[z, u, i] w[u, species[z], o]: a 'uvw' path whose second operand is one_hot(species).
 
     Args:
         x: (Z, mul_in, 2l+1) node features.
         species: (Z,) element indices.
         w: (mul_in, n_elements, mul_out) the path's weight.
+        node_block: nodes per block on CPU (`cpu_block`); None: all nodes at once.
 
     Returns:
         (Z, mul_out, 2l+1), without the path's normalisation. Each node's
@@ -425,8 +426,21 @@ def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array) -> jax.A
         one-hot would cost n_elements times more and transpose w on every
         call (MACE-MP-0b3 skip_tp, 128 x 89 x 128, energy and forces of 22
         nodes on the 2-core CPU: 3.5 -> 0.5 ms in float64, 428 nodes 29 -> 22 ms).
+        Over blocks of node_block nodes (`lax.map`, each block recomputed in
+        the backward pass) the gathered slices are (node_block, mul_in,
+        mul_out) at a time instead of (Z, mul_in, mul_out): 53 MiB per path
+        for 422 nodes in float64, kept from the forward pass for the forces.
     """
-    return jnp.einsum("zui,uzo->zoi", x, jnp.take(w, species, axis=1))
+
+    def product(x, species):
+        return jnp.einsum("zui,uzo->zoi", x, jnp.take(w, species, axis=1, mode="clip"))
+
+    node_block = cpu_block(node_block)
+    if node_block is None or x.shape[0] <= node_block:
+        return product(x, species)
+    blocks = (equal_blocks(x, node_block), equal_blocks(species, node_block))
+    out = jax.lax.map(jax.checkpoint(lambda args: product(*args)), blocks)
+    return out.reshape((-1,) + out.shape[2:])[: x.shape[0]]
 
 
 def tp_w3j_keys(
@@ -477,6 +491,7 @@ class SpeciesTensorProduct(nn.Module):
         irreps_in1, irreps_out: irreps strings.
         num_elements: n, the one-hot width.
         param_dtype: dtype of the weights.
+        node_block: nodes per block on CPU (`per_element_product`).
 
     Params: one per e3nn instruction, `w[i1,0,i_out] a,nx0e,c`
     (mul1, n, mul_out) per path; each node's slice is gathered
@@ -487,6 +502,7 @@ class SpeciesTensorProduct(nn.Module):
     num_elements: int
     irreps_out: str
     param_dtype: Any = jnp.float64
+    node_block: int | None = 8
 
     @nn.compact
     def __call__(self, x1: e3nn.IrrepsArray, species: jax.Array) -> e3nn.IrrepsArray:
@@ -504,7 +520,7 @@ class SpeciesTensorProduct(nn.Module):
                 continue
             a = _zeros_if_none(chunks1[ins.i_in1], (batch, m1.mul, m1.ir.dim), dtype)
             norm = 1.0 if mo.ir.l == 0 else 1.0 / math.sqrt(mo.ir.dim)  # e3nn's l2 = 0 code path
-            outputs[ins.i_out].append((ins.path_weight * norm) * per_element_product(a, species, w))
+            outputs[ins.i_out].append((ins.path_weight * norm) * per_element_product(a, species, w, self.node_block))
         chunks = [_sum_or_zeros(outs, (batch, mo.mul, mo.ir.dim), dtype) for outs, mo in zip(outputs, out)]
         return e3nn.from_chunks(out, chunks, (batch,), dtype)
 
@@ -557,7 +573,13 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
     """Run `body` over equal blocks of at most edge_block edges, one after the other (`nn.scan`).
 
     Each block is rematerialised in the backward passes, so per-edge tensors
-    and their cotangents exist for one block at a time.
+    and their cotangents exist for one block at a time. There are at least
+    two blocks: XLA unrolls a loop of one and then schedules the recomputed
+    forward pass early, which keeps every layer's per-edge tensors alive at
+    once (SevenNet-0, aspirin, float64 forces: 53 MiB of XLA temporaries
+    with one block, 21 MiB with two). XLA:CPU allocates its temporaries
+    afresh on every call, and glibc serves more than 32 MiB by mmap, so
+    every call above that faults in and zeroes all of them.
 
     Args:
         body: `body(module, acc, node_feats, edges) -> (acc, None)`, the
@@ -570,12 +592,13 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
             (E,) int; padding edges get receiver N (dropped by segment sums,
             whose num_segments is N) and zeros elsewhere.
         edge_block: edges per block on CPU (`cpu_block`); None (or
-            E <= edge_block, or another backend): one call of body on all edges.
+            another backend, or E < 2): one call of body on all edges.
     """
     n_edges = edges[-1].shape[0]
     edge_block = cpu_block(edge_block)
-    if edge_block is None or n_edges <= edge_block:
+    if edge_block is None or n_edges < 2:
         return body(module, acc, node_feats, edges)[0]
+    edge_block = min(edge_block, -(-n_edges // 2))
     n_nodes = jax.tree_util.tree_leaves(acc)[0].shape[0]
     fills = (0,) * (len(edges) - 1) + (n_nodes,)
     edges = tuple(None if a is None else equal_blocks(a, edge_block, fill) for a, fill in zip(edges, fills))

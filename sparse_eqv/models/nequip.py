@@ -291,11 +291,13 @@ class ScalarTensorProduct(nn.Module):
     Attributes:
         num_types: n_attr when the attributes are one_hot(species) (SevenNet):
             then each node's weight slice is gathered (`blocks.per_element_product`).
+        node_block: nodes per block on CPU for that gather.
     """
 
     irreps_in: str
     irreps_out: str
     num_types: int
+    node_block: int | None = 8
 
     @nn.compact
     def __call__(self, x: jax.Array, attrs: jax.Array | None, species: jax.Array) -> jax.Array:
@@ -311,7 +313,7 @@ class ScalarTensorProduct(nn.Module):
             for i in paths:
                 w = self.param(f"w[{i},0,{j}]", nn.initializers.normal(1.0), (irr_in[i][0], n_attr, mo), x.dtype)
                 if attrs is None:
-                    acc = acc + per_element_product(xs[i], species, w) / math.sqrt(fan_in)
+                    acc = acc + per_element_product(xs[i], species, w, self.node_block) / math.sqrt(fan_in)
                 else:
                     acc = acc + jnp.einsum("nui,nv,uvw->nwi", xs[i], attrs, w) / math.sqrt(fan_in)
             outs.append(acc)

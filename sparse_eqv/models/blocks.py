@@ -574,12 +574,14 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
 
     Each block is rematerialised in the backward passes, so per-edge tensors
     and their cotangents exist for one block at a time. There are at least
-    two blocks: XLA unrolls a loop of one and then schedules the recomputed
-    forward pass early, which keeps every layer's per-edge tensors alive at
-    once (SevenNet-0, aspirin, float64 forces: 53 MiB of XLA temporaries
-    with one block, 21 MiB with two). XLA:CPU allocates its temporaries
-    afresh on every call, and glibc serves more than 32 MiB by mmap, so
-    every call above that faults in and zeroes all of them.
+    two blocks: a single call of body, rematerialised or not, leaves XLA
+    free to schedule each layer's forward tensors (or their recomputation)
+    early, so that many layers' per-edge tensors are alive at once
+    (SevenNet-0, aspirin, float64 forces: 53 MiB of XLA temporaries with
+    one plain call, a 36 MiB peak with one rematerialised call, 21 MiB with
+    two blocks). XLA:CPU allocates its temporaries afresh on every call,
+    and glibc serves more than 32 MiB by mmap, so every call above that
+    faults in and zeroes all of them.
 
     Args:
         body: `body(module, acc, node_feats, edges) -> (acc, None)`, the

@@ -577,9 +577,9 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
     two blocks: a single call of body, rematerialised or not, leaves XLA
     free to schedule each layer's forward tensors (or their recomputation)
     early, so that many layers' per-edge tensors are alive at once
-    (SevenNet-0, aspirin, float64 forces: 53 MiB of XLA temporaries with
-    one plain call, a 36 MiB peak with one rematerialised call, 21 MiB with
-    two blocks). XLA:CPU allocates its temporaries afresh on every call,
+    (SevenNet-0, aspirin, float64 forces: 46 MiB of XLA temporaries with
+    one plain call, 36 MiB with one rematerialised call, 15 MiB with two
+    blocks). XLA:CPU allocates its temporaries afresh on every call,
     and glibc serves more than 32 MiB by mmap, so every call above that
     faults in and zeroes all of them.
 

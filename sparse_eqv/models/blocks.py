@@ -569,6 +569,9 @@ def equal_blocks(a: jax.Array, max_block: int, fill=0) -> jax.Array:
     return a.reshape((n_blocks, b) + a.shape[1:])
 
 
+RADIAL_WEIGHTS_NAME = "radial_weights"
+
+
 def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block: int | None):
     """Run `body` over equal blocks of at most edge_block edges, one after the other (`nn.scan`).
 
@@ -600,12 +603,13 @@ def over_edge_blocks(body, module: nn.Module, acc, node_feats, edges, edge_block
     edge_block = cpu_block(edge_block)
     if edge_block is None or n_edges < 2:
         return body(module, acc, node_feats, edges)[0]
+    policy = jax.checkpoint_policies.save_only_these_names(RADIAL_WEIGHTS_NAME) if n_edges <= 2 * edge_block else None
     edge_block = min(edge_block, -(-n_edges // 2))
     n_nodes = jax.tree_util.tree_leaves(acc)[0].shape[0]
     fills = (0,) * (len(edges) - 1) + (n_nodes,)
     edges = tuple(None if a is None else equal_blocks(a, edge_block, fill) for a, fill in zip(edges, fills))
     scan = nn.scan(
-        nn.remat(body, prevent_cse=False),
+        nn.remat(body, prevent_cse=False, policy=policy),
         variable_broadcast=["params", "constants"],
         split_rngs={"params": False},
         in_axes=(nn.broadcast, 0),

@@ -50,6 +50,7 @@ import e3nn_jax as e3nn
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
@@ -64,6 +65,7 @@ from sparse_eqv.models.blocks import (
     cpu_block,
     equal_blocks,
     normalize2mom_constant,
+    RADIAL_WEIGHTS_NAME,
     over_edge_blocks,
     polynomial_cutoff,
     simplify_irreps,
@@ -249,6 +251,7 @@ def _conv_messages(interaction: "InteractionBlock", acc, node_feats, edges):
     )(edge_feats)
     if cutoff is not None:
         tp_weights = tp_weights * cutoff[:, None]
+    tp_weights = checkpoint_name(tp_weights, RADIAL_WEIGHTS_NAME)
     mji = EdgeTensorProduct(
         str(irreps_in), str(irreps_edge), str(irreps_mid), tuple(instructions), interaction.param_dtype,
         name="conv_tp", parent=interaction,

@@ -418,7 +418,7 @@ def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array, node_blo
         x: (Z, mul_in, 2l+1) node features.
         species: (Z,) element indices.
         w: (mul_in, n_elements, mul_out) the path's weight.
-        node_block: nodes per block on CPU (`cpu_block`); None: all nodes at once.
+        node_block: nodes per block on CPU (`over_node_blocks`); None: all nodes at once.
 
     Returns:
         (Z, mul_out, 2l+1), without the path's normalisation. Each node's
@@ -435,12 +435,7 @@ def per_element_product(x: jax.Array, species: jax.Array, w: jax.Array, node_blo
     def product(x, species):
         return jnp.einsum("zui,uzo->zoi", x, jnp.take(w, species, axis=1, mode="clip"))
 
-    node_block = cpu_block(node_block)
-    if node_block is None or x.shape[0] <= node_block:
-        return product(x, species)
-    blocks = (equal_blocks(x, node_block), equal_blocks(species, node_block))
-    out = jax.lax.map(jax.checkpoint(lambda args: product(*args)), blocks)
-    return out.reshape((-1,) + out.shape[2:])[: x.shape[0]]
+    return over_node_blocks(product, (x, species), node_block)
 
 
 def tp_w3j_keys(
@@ -567,6 +562,23 @@ def equal_blocks(a: jax.Array, max_block: int, fill=0) -> jax.Array:
     b = -(-n // n_blocks)
     a = jnp.pad(a, ((0, n_blocks * b - n),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
     return a.reshape((n_blocks, b) + a.shape[1:])
+
+
+def over_node_blocks(fn, arrays: Sequence[jax.Array], node_block: int | None):
+    """fn(*arrays) for arrays of N rows, over equal blocks of at most node_block rows (`lax.map`).
+
+    fn must act row by row. Each block is rematerialised in the backward
+    passes, so fn's per-node intermediates exist for one block at a time.
+    Padding rows (zeros) are cut from every output leaf, which returns (N, ...).
+    node_block: rows per block on CPU (`cpu_block`); None, another backend
+    or N <= node_block: one call of fn on all rows.
+    """
+    n = arrays[0].shape[0]
+    node_block = cpu_block(node_block)
+    if node_block is None or n <= node_block:
+        return fn(*arrays)
+    out = jax.lax.map(jax.checkpoint(lambda blocks: fn(*blocks)), tuple(equal_blocks(a, node_block) for a in arrays))
+    return jax.tree_util.tree_map(lambda o: o.reshape((-1,) + o.shape[2:])[:n], out)
 
 
 RADIAL_WEIGHTS_NAME = "radial_weights"  # `checkpoint_name` of a body's per-edge radial MLP output (see over_edge_blocks)

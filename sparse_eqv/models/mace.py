@@ -62,11 +62,10 @@ from sparse_eqv.models.blocks import (
     SpeciesTensorProduct,
     agnesi_transform,
     bessel_basis,
-    cpu_block,
-    equal_blocks,
     normalize2mom_constant,
     RADIAL_WEIGHTS_NAME,
     over_edge_blocks,
+    over_node_blocks,
     polynomial_cutoff,
     simplify_irreps,
     sort_irreps,
@@ -311,7 +310,8 @@ class InteractionBlock(nn.Module):
             if cutoff is not None:
                 edge_density = edge_density * cutoff[:, None]
             node_density = _segment_sum(edge_density, receivers, n_nodes)
-        acc = [jnp.zeros((n_nodes, ir.dim, mul), jnp.result_type(node_feats, edge_feats, edge_attrs.array)) for mul, ir in irreps_mid]
+        dtype = jnp.result_type(node_feats, edge_feats, edge_attrs.array)  # the messages' dtype: the scan's carry
+        acc = [jnp.zeros((n_nodes, ir.dim, mul), dtype) for mul, ir in irreps_mid]
         edges = (edge_feats, edge_attrs.array, cutoff, senders, receivers)
         acc = over_edge_blocks(_conv_messages, self, acc, node_feats, edges, self.edge_block)
         # Summed path by path: the (E, irreps_mid) concatenation of the messages is never built.
@@ -466,7 +466,7 @@ class SymmetricContraction(nn.Module):
         couplings: per output irrep, per nu = 1..correlation, per column k of
             U_nu (K_nu = its length): the multisets of input l's it couples.
         node_block: nodes per block on CPU (None, or another backend: all
-            nodes at once; `blocks.cpu_block`).
+            nodes at once; `blocks.over_node_blocks`).
     """
 
     irreps_in: str
@@ -545,13 +545,7 @@ class SymmetricContraction(nn.Module):
                 chunks.append(out)  # (n, C, 2L+1)
             return chunks
 
-        node_block = cpu_block(self.node_block)
-        if node_block is None or n <= node_block:
-            chunks = contract(stacked, species)
-        else:  # equal blocks of at most node_block nodes, one after the other, each recomputed in the backward pass
-            node_blocks = (equal_blocks(stacked, node_block), equal_blocks(species, node_block))
-            outs = jax.lax.map(jax.checkpoint(lambda args: contract(*args)), node_blocks)
-            chunks = [o.reshape((-1,) + o.shape[2:])[:n] for o in outs]
+        chunks = over_node_blocks(contract, (stacked, species), self.node_block)
         return e3nn.from_chunks(irreps_out, chunks, (n,), stacked.dtype)
 
 

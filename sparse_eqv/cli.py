@@ -225,6 +225,13 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"figure: {figure}")
 
 
+def cmd_curves(args: argparse.Namespace) -> None:
+    from sparse_eqv.curves import write_curves
+
+    path = write_curves(args.runs, args.output, labels=args.labels, title=args.title)
+    print(f"wrote {path}: validation force MAE and layer sparsity against optimiser step for {len(args.runs)} run(s)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from sparse_eqv.demo.run import run_demo
 
@@ -349,6 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory (from finetune)")
     p.add_argument("-o", "--output", type=Path, default=None, help="directory for report.json/.txt and PNGs (default RUN/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("curves", help="learning curves of runs (validation force MAE, layer sparsity vs step) as a PNG")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (each with a log.csv)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: directory names)")
+    p.add_argument("--title", default=None, help="figure title")
+    p.set_defaults(func=cmd_curves)
 
     p = sub.add_parser("demo", help="convert SevenNet-0, fine-tune with STR on EMT Cu/Ni data, export, report")
     p.add_argument("-o", "--output", type=Path, default=Path("demo_out"), help="where everything is written")

@@ -8,7 +8,7 @@ ELoRA, STR (L) and STR (H), several seeds, the same epochs and batch size.
 
 Every method is an ordinary `sparse_eqv.finetune.run.finetune` run under
 OUT/runs/<method>_seed<k>/ (a finished run is reused when the script is run
-again, so an interrupted table resumes). Sub-sampled data files (seeded; the
+again, and an interrupted one resumes from its last checkpoint). Sub-sampled data files (seeded; the
 validation frames come from the training file unless --valid is given) are
 written to OUT/data/ as extxyz (splits drawn from one file are disjoint). Energies are compared after the per-element
 E0 fit on the training frames that `finetune --e0s fit` does; the zero-shot
@@ -143,10 +143,21 @@ def run_one(row: str, seed: int, args, model_dir: Path, data: dict[str, Path], o
         return json.loads((run_dir / "metrics.json").read_text())
     spec = dict(ROWS[row])
     method = MethodOptions(method=spec.pop("method"))
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+    config = TrainConfig(epochs=epochs_for(args, data), batch_size=args.batch_size, lr=args.lr, seed=seed,
                          score_lr=args.score_lr, schedule=args.schedule, **spec)
+    resume = (run_dir / "checkpoints" / "last").exists()  # an interrupted run continues where it stopped
     return finetune(model_dir, run_dir, train=data["train"], valid=data["valid"], test=data["test"],
-                    method=method, config=config, overwrite=True, progress=not args.quiet)
+                    method=method, config=config, overwrite=not resume, resume=resume, progress=not args.quiet)
+
+
+def epochs_for(args, data: dict[str, Path]) -> int:
+    """--epochs, or with --steps the epochs that make at least that many optimiser steps."""
+    if args.steps is None:
+        return args.epochs
+    from sparse_eqv.data.readers import read_frames
+
+    per_epoch = -(-len(read_frames(data["train"])) // args.batch_size)
+    return -(-args.steps // per_epoch)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -191,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="instead of --epochs: at least this many optimiser steps")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--score-lr", type=float, default=None, help="STR score lr (default: --lr)")
@@ -233,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"**{args.name}** -- model {args.model}; train/valid/test frames "
               f"{len(read_frames(data['train']))}/{len(read_frames(data['valid']))}/{len(read_frames(data['test']))}; "
-              f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, score lr {args.score_lr or args.lr}, "
+              f"{epochs_for(args, data)} epochs, batch {args.batch_size}, lr {args.lr}, score lr {args.score_lr or args.lr}, "
               f"{args.schedule} schedule, seeds {args.seeds}; wall {wall / 60:.1f} min this invocation")
     print("\n" + header + "\n\n" + markdown)
     (args.output / "table.md").write_text(header + "\n\n" + markdown + "\n")

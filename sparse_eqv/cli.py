@@ -10,6 +10,11 @@ from pathlib import Path
 from sparse_eqv.errors import SparseEqvError
 
 
+# Layer sparsity (zeros among the targeted deltas) from which on a run is in the paper's high-sparsity
+# regime (its "H" setting leaves 82-90 % of the deltas at zero).
+REGIME_LAYER_SPARSITY = 0.8
+
+
 def _enable_x64() -> None:
     import jax
 
@@ -131,6 +136,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
     if valid.get("magmoms_mae") is not None:
         print(f"magnetic moments: valid MAE {valid['magmoms_mae']:.4f} μB")
+    if "layer_sparsity" in spars and spars["layer_sparsity"] < REGIME_LAYER_SPARSITY:
+        print(f"note: after {result['steps']} steps the STR thresholds have not risen to the paper's regime yet "
+              f"(layer sparsity {spars['layer_sparsity']:.1%} < {REGIME_LAYER_SPARSITY:.0%}): train longer "
+              f"(--epochs) or raise the score learning rate (--score-lr, now {config.score_lr or config.lr})")
 
 
 def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
@@ -223,6 +232,24 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"\nwrote {output / 'report.json'}, {output / 'report.txt'}")
     for figure in figures:
         print(f"figure: {figure}")
+
+
+def cmd_robustness(args: argparse.Namespace) -> None:
+    import json
+
+    from sparse_eqv.atomic_write import atomic_file
+    from sparse_eqv.robustness import format_result, robustness
+
+    result = robustness(args.run, args.data, out_dir=args.output, md_steps=args.md_steps, md_frames=args.md_frames,
+                        temperature=args.temperature, read_options=_read_options(args),
+                        progress=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
+    print(format_result(result), end="")
+    for figure in result["figures"]:
+        print(f"figure: {figure}")
+    if args.json is not None:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
 
 
 def cmd_curves(args: argparse.Namespace) -> None:
@@ -356,6 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory (from finetune)")
     p.add_argument("-o", "--output", type=Path, default=None, help="directory for report.json/.txt and PNGs (default RUN/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("robustness", help="what fine-tuning changed outside its data: errors and drift on other sets, "
+                                          "dimer curves, MD stability, base vs fine-tuned")
+    p.add_argument("run", type=Path, help="run directory (from finetune); its base model is read from run.json")
+    p.add_argument("--data", nargs="+", required=True, type=Path,
+                   help="data files (labels optional: without them only the drift from the base is reported)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="directory for the figures (default RUN/robustness)")
+    p.add_argument("--json", type=Path, default=None, help="write every number (curves included) as JSON here")
+    p.add_argument("--md-steps", type=int, default=0, help="Langevin steps (1 fs) from the first frames of each file")
+    p.add_argument("--md-frames", type=int, default=2, help="frames of each file to start MD from")
+    p.add_argument("--temperature", type=float, default=300.0, help="MD temperature, K")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_label_keys(p)
+    p.set_defaults(func=cmd_robustness)
 
     p = sub.add_parser("curves", help="learning curves of runs (validation force MAE, layer sparsity vs step) as a PNG")
     p.add_argument("runs", nargs="+", type=Path, help="run directories (each with a log.csv)")

@@ -128,7 +128,8 @@ class Predictor:
 
     def predict(self, frames: Sequence[Frame], max_atoms: int = 1024, progress: Iterable | None = None) -> list[dict[str, np.ndarray]]:
         """Per-frame dicts: energy (eV), forces (N, 3) eV/Å, stress (3, 3) eV/Å^3 (periodic only),
-        magmoms (N,) or (N, 3) μB (models with a moment head)."""
+        magmoms (N,) or (N, 3) μB (models with a moment head). SparseEqvError naming the frame when a
+        prediction is NaN or inf."""
         results: list[dict[str, np.ndarray]] = []
         for indices in frame_batches(frames, max_atoms):
             graphs = [self.graph(frames[i]) for i in indices]
@@ -141,6 +142,9 @@ class Predictor:
                     result["stress"] = out["stress"][g]
                 if "magmoms" in out:  # a model with a magnetic-moment head
                     result["magmoms"] = out["magmoms"][offset : offset + n]
+                bad = [k for k, v in result.items() if not np.all(np.isfinite(v))]
+                if bad:
+                    raise SparseEqvError(f"{frames[i].source}: the model predicts non-finite {', '.join(bad)}")
                 results.append(result)
                 offset += n
             if progress is not None:

@@ -48,8 +48,16 @@ def species_indices(frame: Frame, atomic_numbers: Sequence[int]) -> np.ndarray:
     return np.array([table[int(z)] for z in frame.numbers], dtype=np.int32)
 
 
+# Closest approach of two atoms (Å, periodic images included) a frame may have: nearer pairs make the
+# edge directions, hence every prediction, NaN; real structures stay above ~0.5 Å.
+MIN_DISTANCE = 0.1
+
+
 def neighbour_edges(frame: Frame, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full neighbour list within `cutoff` Å (both directions, no self edge).
+
+    Raises DataError naming the frame and the two atoms when a pair is closer
+    than MIN_DISTANCE.
 
     Returns:
         receivers (E,) centre i, senders (E,) neighbour j, shifts (E, 3) int
@@ -70,7 +78,13 @@ def neighbour_edges(frame: Frame, cutoff: float) -> tuple[np.ndarray, np.ndarray
             if not pbc[k]:
                 cell[k] = 0.0
                 cell[k, k] = size
-    i, j, shifts = neighbour_list("ijS", positions=positions, cell=cell, pbc=pbc, cutoff=float(cutoff))
+    i, j, shifts, distances = neighbour_list("ijSd", positions=positions, cell=cell, pbc=pbc, cutoff=float(cutoff))
+    if distances.size and distances.min() < MIN_DISTANCE:
+        e = int(np.argmin(distances))
+        raise DataError(
+            f"{frame.source}: atoms {int(i[e])} and {int(j[e])} are {distances[e]:.3g} Å apart (closer than "
+            f"{MIN_DISTANCE} Å; every prediction on this frame would be NaN)"
+        )
     shifts = np.where(pbc[None, :], shifts, 0)
     return i.astype(np.int32), j.astype(np.int32), shifts.astype(np.int64)
 

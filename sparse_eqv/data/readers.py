@@ -20,6 +20,7 @@ import ase.units
 import numpy as np
 
 from sparse_eqv.data.frames import Frame
+from sparse_eqv.data.graph import MIN_DISTANCE, neighbour_edges
 from sparse_eqv.errors import DataError
 
 KCAL_PER_MOL = ase.units.kcal / ase.units.mol  # eV
@@ -63,6 +64,7 @@ def _validate(frame: Frame, require_energy: bool) -> None:
     if not np.all(np.isfinite(frame.positions)):
         atom = int(np.argwhere(~np.isfinite(frame.positions))[0][0])
         raise DataError(f"{frame.source}: position of atom {atom} is not finite (NaN or inf)")
+    neighbour_edges(frame, MIN_DISTANCE)  # DataError naming two atoms closer than MIN_DISTANCE
     if require_energy and frame.energy is None:
         raise DataError(f"{frame.source}: frame has no energy label")
     if frame.energy is not None and not np.isfinite(frame.energy):

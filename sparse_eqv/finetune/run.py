@@ -176,11 +176,13 @@ def run_info(
     valid_fraction: float,
     test: str | Path | None,
     n_frames: dict[str, int],
+    elements: Sequence[int],
     n_devices: int,
     magmom: str | None,
 ) -> dict[str, Any]:
     """run.json's content: the run's options, data, frame counts ({"train",
-    "valid", "test"}), targeted leaves and fitted E0 shift (eV per element)."""
+    "valid", "test"}), the training data's elements (atomic numbers), targeted
+    leaves and fitted E0 shift (eV per element)."""
     return {
         "model": str(model_dir.absolute()),
         "model_source": model_config.get("source"),
@@ -198,10 +200,16 @@ def run_info(
                  "valid_fraction": None if valid is not None else valid_fraction,
                  "test": None if test is None else str(test)},
         "n_frames": n_frames,
+        "elements": sorted(int(z) for z in elements),
         "options": {"method": dataclasses.asdict(method), "train": dataclasses.asdict(config)},
         "n_devices": n_devices,
         "magmom": model_config.get("magmom") if magmom is not None else None,
     }
+
+
+def training_elements(frames: Sequence[Frame]) -> list[int]:
+    """The atomic numbers present in `frames`, sorted."""
+    return sorted({int(z) for frame in frames for z in frame.numbers})
 
 
 def check_resume(run_dir: Path, run_json: Path, info: dict[str, Any]) -> None:
@@ -327,7 +335,7 @@ def finetune(
         model_dir, model_config, method, fine_method, config, e0s=e0s, e0_shift=e0_shift, train=train, valid=valid,
         valid_fraction=valid_fraction, test=test,
         n_frames={"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
-        n_devices=trainer.n_devices, magmom=magmom,
+        elements=training_elements(train_frames), n_devices=trainer.n_devices, magmom=magmom,
     )
     if resume:
         check_resume(run_dir, run_dir / "run.json", info)

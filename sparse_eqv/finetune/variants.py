@@ -58,7 +58,7 @@ from sparse_eqv.finetune.loop import (
 )
 from sparse_eqv.finetune.run import (
     MethodOptions, _write_csv, _write_json, best_metrics, check_resume, check_run_options, fit_e0s, load_base,
-    make_method, read_inputs, run_info, scratch_params, split_frames, write_best,
+    make_method, read_inputs, run_info, scratch_params, split_frames, training_elements, write_best,
 )
 from sparse_eqv.models import build_model
 
@@ -477,7 +477,7 @@ def finetune_variants(
             model_dir, model_config, method, fine_method, cfg, e0s=e0s, e0_shift=e0[k][0], train=train, valid=valid,
             valid_fraction=valid_fraction, test=test,
             n_frames={"train": len(train_frames), "valid": len(variant_valid), "test": len(test_frames)},
-            n_devices=trainer.n_devices, magmom=None,
+            elements=training_elements(train_frames), n_devices=trainer.n_devices, magmom=None,
         )
         infos.append({**info, "variant_of": str(run_dir.absolute())})
     overview = {

@@ -117,14 +117,18 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         checkpoint_every=args.checkpoint_every, dense_lr=args.dense_lr,
         weights=LossWeights(args.energy_weight, args.forces_weight, args.stress_weight, args.huber_delta,
                             magmoms=args.magmom_weight),
+        replay_weight=args.replay_weight,
     )
     if len(decays) * len(seeds) > 1:
+        if args.replay is not None:
+            raise SparseEqvError("--replay trains one run at a time: give one --threshold-decay and no --seeds list")
         _finetune_variants(args, method, config, make_variants(decays, seeds))
         return
     result = finetune(
         args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
         test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
         n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet, magmom=args.magmom,
+        replay=args.replay, replay_labels=args.replay_labels,
     )
     valid, spars = result["valid"], result["sparsity"]
     layer = f", layer sparsity {spars['layer_sparsity']:.1%}" if "layer_sparsity" in spars else ""
@@ -333,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--magmom-weight", type=float, default=1.0, help="loss weight of the moments (per μB^2)")
     p.add_argument("--dense-lr", type=float, default=None,
                    help="learning rate of densely trained leaves, e.g. the --magmom head (default --lr)")
+    p.add_argument("--replay", type=Path, default=None,
+                   help="replay frames (any format; structures alone will do) whose loss is added at every step, "
+                        "to keep what the base model knew outside the training data")
+    p.add_argument("--replay-weight", type=float, default=1.0, help="weight of the replay batch's loss")
+    p.add_argument("--replay-labels", choices=("base", "file"), default="base",
+                   help="label replay frames with the base model's predictions (pseudolabels, cached in RUN_DIR) or "
+                        "use the file's own labels")
     p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
                    help="fit per-element reference energies on the training set first, or keep the model's")
     p.add_argument("--seed", type=int, default=0)

@@ -56,3 +56,19 @@ def write_extxyz(path: str | Path, frames: Sequence[Frame]) -> Path:
         images.append(atoms)
     ase.io.write(path, images, format="extxyz")
     return Path(path)
+
+
+def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """A model directory of `tiny_sevenn_config()` with random weights (PRNG `seed`); returns it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sparse_eqv.checkpoint import save_model
+    from sparse_eqv.models import build_model
+
+    config = tiny_sevenn_config()
+    variables = build_model(config).init(
+        jax.random.PRNGKey(seed), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32), jnp.array([0, 1, 0]), jnp.array([1, 0, 1])
+    )
+    return save_model(directory, config, jax.tree.map(np.asarray, variables))

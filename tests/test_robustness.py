@@ -8,30 +8,24 @@ import json
 import ase
 import ase.io
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_eqv.checkpoint import load_for_inference, save_model
+from sparse_eqv.checkpoint import load_for_inference
 from sparse_eqv.cli import main
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import DataError, SparseEqvError
 from sparse_eqv.inference import Predictor
-from sparse_eqv.models import build_model
 from sparse_eqv.robustness import HOLE_TOLERANCE_EV, curve_features, element_pairs, format_result
-from sparse_eqv.testing import tiny_sevenn_config, write_extxyz
+from sparse_eqv.testing import write_extxyz, write_tiny_model
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, real_frames_dir):
     """A tiny SevenNet-architecture model fine-tuned (full, 1 epoch) on 4 SSE-PBE frames."""
     root = tmp_path_factory.mktemp("robustness")
-    config = tiny_sevenn_config()
-    variables = build_model(config).init(
-        jax.random.PRNGKey(0), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32), jnp.array([0, 1, 0]), jnp.array([1, 0, 1])
-    )
-    save_model(root / "model", config, jax.tree.map(np.asarray, variables))
+    write_tiny_model(root / "model")
     frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")
     write_extxyz(root / "train.xyz", frames[:4])
     write_extxyz(root / "valid.xyz", frames[4:6])

@@ -51,6 +51,7 @@ from sparse_eqv.finetune.optim import make_optimizer, scale_updates
 from sparse_eqv.potential import energy_forces_stress
 
 STATE_FILE = "state.json"
+REPLAY_STREAM = 1  # the second element of the replay draws' seed, apart from the epoch permutations
 ARRAYS_DIR = "arrays"
 
 
@@ -74,6 +75,8 @@ class TrainConfig:
         checkpoint_every: save the training state every this many steps
             (and at the end of every epoch).
         weights: loss weights.
+        replay_weight: weight of the replay batch's loss added at every
+            step (runs with replay frames, see `Trainer.fit`).
         time_limit_s: stop training once this many seconds (of `fit`'s
             wall time, compilation included) have passed; the epoch in
             progress ends early and is validated (None: off).
@@ -98,6 +101,7 @@ class TrainConfig:
     ema_decay: float | None = None
     checkpoint_every: int = 50
     weights: LossWeights = LossWeights()
+    replay_weight: float = 1.0
     time_limit_s: float | None = None
     one_budget: bool = False
 
@@ -337,6 +341,13 @@ class Trainer:
         self.largest_budget = GraphBudget.fitting_any([g for graphs in graph_sets for g in graphs], self.shard_size())
         return self.largest_budget
 
+    def replay_batch(self, n_frames: int, step: int) -> list[int]:
+        """Indices of the replay frames of optimiser step `step`: `batch_size`
+        distinct frames (all when fewer), drawn by numpy seeded with (seed,
+        REPLAY_STREAM, step), so a resumed run draws the same ones."""
+        rng = np.random.default_rng([self.config.seed, REPLAY_STREAM, step])
+        return sorted(rng.choice(n_frames, size=min(self.config.batch_size, n_frames), replace=False).tolist())
+
     def epoch_batches(self, n_frames: int, epoch: int, seed: int | None = None) -> list[list[int]]:
         """Frame indices of each batch of epoch `epoch` (seeded by (seed, epoch);
         seed: the run's unless given)."""
@@ -359,9 +370,16 @@ class Trainer:
         sums = jax.tree.map(lambda x: x.sum(0), sums)
         return total_loss(sums, self.config.weights)
 
-    def _step(self, tree, opt_state, ema, constants, batch, lr_scale, threshold_decay):
+    def _replayed_loss(self, tree, constants, batch, replay):
+        """The batch's loss plus, with a replay batch, replay_weight times its loss."""
+        loss = self._batch_loss(tree, constants, batch)
+        if replay is not None:
+            loss = loss + self.config.replay_weight * self._batch_loss(tree, constants, replay)
+        return loss
+
+    def _step(self, tree, opt_state, ema, constants, batch, lr_scale, threshold_decay, replay=None):
         self.compiles["train"] += 1  # runs once per trace, i.e. per compilation
-        loss, grads = jax.value_and_grad(self._batch_loss)(tree, constants, batch)
+        loss, grads = jax.value_and_grad(self._replayed_loss)(tree, constants, batch, replay)
         updates, opt_state = self.optimizer_with(threshold_decay).update(grads, opt_state, tree)
         tree = optax.apply_updates(tree, scale_updates(updates, lr_scale))
         if ema is not None:
@@ -382,13 +400,14 @@ class Trainer:
         """The params the model runs with (from the EMA when enabled)."""
         return self._effective(state.ema if state.ema is not None else state.tree)
 
-    def train_step(self, state: TrainState, batch: jraph.GraphsTuple) -> float:
-        """One optimiser step in place on `state`; returns the batch loss."""
+    def train_step(self, state: TrainState, batch: jraph.GraphsTuple, replay: jraph.GraphsTuple | None = None) -> float:
+        """One optimiser step in place on `state`; returns the batch loss (plus
+        the weighted loss of the `replay` batch, when given)."""
         lr_scale = jnp.asarray(self.lr_scale(state), self.dtype)
         threshold_decay = jnp.asarray(self.config.threshold_decay, self.dtype)
         try:
             state.tree, state.opt_state, state.ema, loss = self._train_step(
-                state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay
+                state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay, replay
             )
             loss = float(loss)
         except jax.errors.JaxRuntimeError as error:
@@ -464,11 +483,14 @@ class Trainer:
         on_best: Callable[[TrainState, Any, dict], None] | None = None,
         on_epoch: Callable[[TrainState], None] | None = None,
         progress: bool = True,
+        replay: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]] | None = None,
     ) -> TrainState:
         """Train from `state` to the last epoch (or early stop).
 
         Args:
             train, valid: (graphs, frames).
+            replay: (graphs, frames) of labelled replay frames: every step adds
+                `replay_weight` times the loss of a `replay_batch` of them.
             save: called as save(state, "last") every `checkpoint_every` steps
                 and after every epoch, and save(state, "best") on a new best.
             on_best: called with (state, effective params, valid metrics) on a new best.
@@ -494,7 +516,10 @@ class Trainer:
                     state.stopped = True
                     break
                 batch, _ = self.stack(train_graphs, batches[state.batch])
-                loss = self.train_step(state, batch)
+                replay_batch = None
+                if replay is not None:
+                    replay_batch, _ = self.stack(replay[0], self.replay_batch(len(replay[1]), state.step))
+                loss = self.train_step(state, batch, replay_batch)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {state.step} (lower --lr?)")
                 state.epoch_loss += loss

@@ -18,6 +18,8 @@ Run directory:
                                 per-path views, thresholds
     RUN_DIR/checkpoints/last/   full training state (resume from here)
     RUN_DIR/checkpoints/best/   full training state of the best epoch
+    RUN_DIR/replay_labels.npz   with --replay: the replay frames' labels (base
+                                model's pseudolabels or the file's own), float64
     RUN_DIR/metrics.json        final: best-epoch validation and test metrics,
                                 sparsity, wall time, s/epoch, compilations
 
@@ -49,6 +51,7 @@ from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import DataError, SparseEqvError
 from sparse_eqv.finetune import e0s as e0s_lib
 from sparse_eqv.finetune import magmom as magmom_lib
+from sparse_eqv.finetune import replay as replay_lib
 from sparse_eqv.finetune.dense import Full
 from sparse_eqv.finetune.lora import ELoRA
 from sparse_eqv.finetune.loop import Trainer, TrainConfig, TrainState, make_graphs, save_state
@@ -59,7 +62,7 @@ from sparse_eqv.models import build_model
 METHODS = ("str", "full", "elora", "scratch")
 # Options that must agree between a run and its --resume.
 _RESUME_KEYS = ("method", "targets", "per_path", "seed", "batch_size", "lr", "threshold_decay", "e0s", "data", "model",
-                "magmom")
+                "magmom", "replay")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +284,8 @@ def finetune(
     progress: bool = True,
     on_checkpoint=None,
     magmom: str | None = None,
+    replay: str | Path | None = None,
+    replay_labels: str = "base",
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_dir` and write `run_dir`; returns metrics.json's content.
 
@@ -290,6 +295,9 @@ def finetune(
         on_checkpoint: called with (state, kind) after each checkpoint is written.
         magmom: "scalar" or "vector": train a magnetic-moment head densely
             on the frames' moments (`sparse_eqv.finetune.magmom`).
+        replay: frames whose loss (weight `config.replay_weight`) is added at
+            every step, labelled by the base model or, with replay_labels
+            "file", by their own labels (`sparse_eqv.finetune.replay`).
     """
     started = time.perf_counter()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
@@ -304,6 +312,13 @@ def finetune(
     train_graphs = make_graphs(train_frames, numbers, cutoff)
     valid_graphs = make_graphs(valid_frames, numbers, cutoff)
     test_graphs = make_graphs(test_frames, numbers, cutoff) if test_frames else []
+    replay_frames, replay_graphs = [], []
+    if replay is not None:
+        if magmom is not None:
+            raise SparseEqvError("--replay and --magmom cannot be combined yet")
+        replay_frames = read_frames(Path(replay), **read_options)
+        replay_lib.check_labels(replay_frames, replay_labels, Path(replay))
+        replay_graphs = make_graphs(replay_frames, numbers, cutoff)  # DataError on an element the model lacks
     if magmom is not None:
         magmom_lib.require_labels(train_frames, train)
         train_graphs, valid_graphs, test_graphs = (
@@ -324,7 +339,7 @@ def finetune(
     trained_method = fine_method if magmom is None else magmom_lib.WithMagmomHead(fine_method, head_params)
     trainer = Trainer(module, variables["constants"], trained_method, base_params, config, n_devices=n_devices,
                       dtype=jnp.dtype(dtype), cutoff=cutoff)
-    trainer.fit_budgets(train_graphs, valid_graphs, test_graphs)
+    trainer.fit_budgets(train_graphs, valid_graphs, test_graphs, replay_graphs)
 
     e0_shift = np.zeros(len(numbers))
     if e0s == "fit":
@@ -337,6 +352,9 @@ def finetune(
         n_frames={"train": len(train_frames), "valid": len(valid_frames), "test": len(test_frames)},
         elements=training_elements(train_frames), n_devices=trainer.n_devices, magmom=magmom,
     )
+    if replay is not None:
+        info["replay"] = {"file": str(replay), "labels": replay_labels, "weight": config.replay_weight,
+                          "n_frames": len(replay_frames)}
     if resume:
         check_resume(run_dir, run_dir / "run.json", info)
         state = trainer.restore(run_dir / "checkpoints" / "last")
@@ -346,6 +364,16 @@ def finetune(
             with atomic_directory(run_dir, overwrite=overwrite) as tmp:
                 (tmp / "run.json").write_text(json.dumps(info, indent=1))
         state = trainer.initial_state()
+    replay_set = None
+    if replay is not None:
+        if not resume and distributed.is_primary():
+            labels = replay_lib.replay_labels(
+                replay_frames, lambda frames: trainer.predict(variables["params"], replay_graphs, frames)[0],
+                replay_labels, numbers, Path(replay))
+            replay_lib.write_cache(run_dir, labels)
+        distributed.barrier("replay labels written")
+        replay_frames = replay_lib.read_cache(run_dir, replay_frames)
+        replay_set = (make_graphs(replay_frames, numbers, cutoff), replay_frames)
 
     # Only process 0 writes (several hosts: see sparse_eqv.distributed).
     def save(state: TrainState, kind: str) -> None:
@@ -365,7 +393,7 @@ def finetune(
 
     state = trainer.fit(
         state, (train_graphs, train_frames), (valid_graphs, valid_frames),
-        save=save, on_best=on_best, on_epoch=on_epoch, progress=progress,
+        save=save, on_best=on_best, on_epoch=on_epoch, progress=progress, replay=replay_set,
     )
 
     distributed.barrier("best model written")

@@ -2,7 +2,7 @@
 
     python scripts/bench.py [--models sevenn mace] [--dtypes float32 float64] [--repeat 5]
                             [--warmup 3] [--threads 2] [--json bench.json] [--tiny] [--no-torch]
-                            [--mace-model PATH] [--mace-python PYTHON]
+                            [--mace-model PATH] [--mace-python PYTHON] [--data DIR]
 
 Models:
     sevenn   SevenNet-0 (the checkpoint bundled with sevenn) vs sevenn
@@ -40,6 +40,11 @@ see the same machine state within a run. Both get --threads threads
 difference between the two sides over the predicted frames (eV) checks that
 both ran the same model.
 
+Frames are read from --data: by default the full reference data in
+../shared/data (a sibling of the repository), or, with --tiny, the small
+real-frame fixtures in tests/data (the same file names, a few frames each;
+tests/data/README.md), so that the CI mode runs in a fresh clone.
+
 --tiny is the CI mode: one aspirin frame, a batch of 2, one warm-up, one repeat. SevenNet:
 a tiny random SevenNet-shaped Flax model, while torch still runs SevenNet-0
 (both code paths run, the ratios mean nothing). MACE: a small mace-torch model
@@ -65,7 +70,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = REPO.parent / "shared" / "data"  # the full runs' default
+TINY_DATA = REPO / "tests" / "data"  # --tiny's default: aspirin frames 0-4 are there
 FRAMES = {
     "aspirin (21 at.)": ("rmd17/rmd17_aspirin_test_01.npz", 0),
     "Cu fcc (108 at.)": ("cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz", 0),
@@ -131,6 +137,13 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _data(args) -> Path:
+    """The directory the frames are read from: --data, else DATA, or TINY_DATA with --tiny.
+    (scripts/profile_ops.py and probe_calls.py pass a namespace without `data`.)"""
+    data = getattr(args, "data", None)
+    return Path(data) if data else TINY_DATA if args.tiny else DATA
+
+
 def _frame_names(args) -> list[str]:
     return [TINY_FRAME] if args.tiny else list(FRAMES)
 
@@ -138,14 +151,14 @@ def _frame_names(args) -> list[str]:
 def _frames(args):
     from sparse_eqv.data.readers import read_frames
 
-    return {name: read_frames(DATA / FRAMES[name][0])[FRAMES[name][1]] for name in _frame_names(args)}
+    return {name: read_frames(_data(args) / FRAMES[name][0])[FRAMES[name][1]] for name in _frame_names(args)}
 
 
 def _train_dataset(args):
     """The fine-tuning set the training batch is drawn from (its padding budgets are capped by it)."""
     from sparse_eqv.data.readers import read_frames
 
-    return read_frames(DATA / (FRAMES[TINY_FRAME][0] if args.tiny else TRAIN_FRAMES))
+    return read_frames(_data(args) / (FRAMES[TINY_FRAME][0] if args.tiny else TRAIN_FRAMES))
 
 
 def _train_batch_size(args) -> int:
@@ -284,11 +297,11 @@ def _epoch_compiles(args, predictor, trainer) -> dict:
     from sparse_eqv.data.readers import read_frames
 
     if args.tiny:
-        frames = read_frames(DATA / FRAMES[TINY_FRAME][0])[:5]
+        frames = read_frames(_data(args) / FRAMES[TINY_FRAME][0])[:5]
         cut = frames[1]
         frames[1] = dataclasses.replace(cut, numbers=cut.numbers[:13], positions=cut.positions[:13], forces=cut.forces[:13])
     else:
-        frames = [f for path in EPOCH_FILES for f in read_frames(DATA / path)]
+        frames = [f for path in EPOCH_FILES for f in read_frames(_data(args) / path)]
     graphs = [predictor.graph(f) for f in frames]
     seen, largest = set(trainer.budgets), trainer.largest_budget
     trainer.budgets.clear()
@@ -496,6 +509,7 @@ def _run_worker(args, worker: str, model: str, dtype: str, workdir: Path) -> dic
     cmd = [python, __file__, "--worker", worker, "--model", model, "--dtype", dtype, "--repeat", str(args.repeat),
            "--warmup", str(args.warmup), "--threads", str(args.threads), "--mace-file", str(args.mace_file), "--frames-dir", str(workdir)]
     cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--data", str(args.data)] if args.data else []
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -593,6 +607,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--mace-model", type=Path, help="MACE .model to use, built here first if missing (default: a temporary one)")
     p.add_argument("--mace-python", type=Path, default=MACE_PYTHON, help="interpreter with mace-torch (default .venv-mace)")
+    p.add_argument("--data", type=Path, help="directory of the reference data, laid out as ../shared/data "
+                   "(default: ../shared/data; with --tiny: the fixtures in tests/data)")
     p.add_argument("--worker", choices=["jax", "torch", "build"], help=argparse.SUPPRESS)
     p.add_argument("--model", choices=MODELS, default="sevenn", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float64", help=argparse.SUPPRESS)

@@ -1,8 +1,7 @@
-"""Shared test set-up: float64 JAX, paths to the repo, the reference data and the MACE env."""
+"""Shared test set-up: float64 JAX, paths to the repo, the real-frame fixtures (tests/data) and the MACE env."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
@@ -12,7 +11,7 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SPARSE_EQV_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+REAL_FRAMES_DIR = REPO_ROOT / "tests" / "data"
 MACE_PYTHON = REPO_ROOT / ".venv-mace" / "bin" / "python"
 
 
@@ -22,11 +21,12 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """../shared/data (real DFT frames); tests that need it skip without it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def real_frames_dir() -> Path:
+    """tests/data: a few real DFT frames per reference file, in the originals'
+    formats and with their names (rmd17/, sse-pbe/, cu/, nio-spin/), cut by
+    tests/data/make_fixtures.py; tests/data/README.md lists which frames of
+    which source each holds (an index into a fixture is a position in that list)."""
+    return REAL_FRAMES_DIR
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """scripts/bench.py in its CI-sized mode (tiny model, one frame, one repeat), so it cannot rot.
 
+--tiny reads its aspirin frames from the fixtures in tests/data (no ../shared needed).
+
 SevenNet: the JAX side only; the torch side (SevenNet-0 in sevenn) needs about
 a minute on this machine even for one small frame and is left to the full run
 (docs/performance.md). MACE: both sides (JAX and the mace-torch worker) on a
@@ -36,7 +38,7 @@ def test_tiny_run_writes_table_and_json(repo_root, tmp_path, capsys):
     assert "train step" in printed and "peak RSS" in printed
 
 
-def test_tiny_mace_both_sides(repo_root, shared_data, mace_python, tmp_path, capsys):
+def test_tiny_mace_both_sides(repo_root, mace_python, tmp_path, capsys):
     bench = _bench(repo_root)
     out = tmp_path / "bench.json"
     argv = ["--tiny", "--models", "mace", "--dtypes", "float32", "--mace-python", str(mace_python), "--json", str(out)]
@@ -82,7 +84,7 @@ def test_table_keeps_rows_of_a_failed_worker(repo_root):
     assert bench.energy_differences([jax_row, torch_row]) == {"float64": 0.5}
 
 
-def test_profile_ops_tiny_train_step(repo_root, shared_data, tmp_path):
+def test_profile_ops_tiny_train_step(repo_root, tmp_path):
     """scripts/profile_ops.py joins the trace with the HLO: op kinds with time, dots among them.
 
     A subprocess: XLA reads the HLO-dump flag only when JAX starts its backend.
@@ -98,7 +100,7 @@ def test_profile_ops_tiny_train_step(repo_root, shared_data, tmp_path):
     assert "by op kind and output shape" in run.stdout
 
 
-def test_probe_calls_tiny(repo_root, shared_data):
+def test_probe_calls_tiny(repo_root):
     """scripts/probe_calls.py prints a prediction and each training step with
     CPU time, faults and RSS (a subprocess: its getrusage is the process's own)."""
     run = subprocess.run(

@@ -76,7 +76,7 @@ def test_unchanged_export_is_bit_identical(tmp_path, sevennet):
     assert deltas == [] and header["kind"] == "sevenn"
 
 
-def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, shared_data):
+def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, real_frames_dir):
     model_dir, config, variables = sevennet
     new = perturbed(config, variables)
     run = make_run(tmp_path, model_dir, config, new)
@@ -84,7 +84,7 @@ def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, sha
     summary = export_run(run, merged)
     export_run(run, patch, delta_only=True)
 
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000")[:2]
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-iter.000000-data.000")[:2]
     ours = Predictor(config, new).predict(frames)
     theirs = sevenn_predict(str(merged), [f.to_atoms() for f in frames])
     base = Predictor(config, variables).predict(frames[:1])
@@ -151,7 +151,7 @@ def test_missing_base_checkpoint_says_where_it_looked(tmp_path, sevennet):
     assert not (tmp_path / "x.pth").exists()
 
 
-def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, shared_data):
+def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, real_frames_dir):
     """A random-weight MACE-MP-0b3-architecture model (reduced channels), every
     weight leaf and the E0s changed, exported, and evaluated by mace-torch's
     MACECalculator (float64) against the JAX model with the same changes."""
@@ -178,7 +178,7 @@ def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, 
     assert merged.stat().st_size == base_file.stat().st_size
 
     frames_file = tmp_path / "frames.extxyz"
-    source = read_frames(shared_data / "cu" / "mlearn_Cu_test.json")[:2]
+    source = read_frames(real_frames_dir / "cu" / "mlearn_Cu_test.json")[:2]
     ase.io.write(frames_file, [f.to_atoms() for f in source], format="extxyz")
     frames = read_frames(frames_file)  # both sides see the same (rounded) positions
     out = tmp_path / "torch.npz"
@@ -204,7 +204,7 @@ def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, 
     assert (tmp_path / "rebuilt.model").read_bytes() == merged.read_bytes()
 
 
-def test_nequip_export_loads_in_nequip(tmp_path, shared_data):
+def test_nequip_export_loads_in_nequip(tmp_path, real_frames_dir):
     """A random-weight nequip checkpoint with EMA weights: every weight leaf
     changed, exported to a .ckpt, evaluated by nequip's own calculator."""
     from test_nequip_parity import small_config
@@ -221,7 +221,7 @@ def test_nequip_export_loads_in_nequip(tmp_path, shared_data):
     merged = tmp_path / "merged.ckpt"
     export_run(run, merged)
 
-    frames = real_frames(shared_data)
+    frames = real_frames(real_frames_dir)
     ours = Predictor(config, new).predict(frames)
     theirs = nequip_reference.predict(str(merged), [f.to_atoms() for f in frames])
     before = Predictor(config, variables).predict(frames[:1])
@@ -236,7 +236,7 @@ def test_nequip_export_loads_in_nequip(tmp_path, shared_data):
     assert (tmp_path / "rebuilt.ckpt").read_bytes() == merged.read_bytes()
 
 
-def test_str_run_exports_through_the_cli(tmp_path, shared_data):
+def test_str_run_exports_through_the_cli(tmp_path, real_frames_dir):
     """convert -> finetune --method str (a few steps) -> export / export --delta-only
     -> apply-delta, all through the CLI; nequip evaluates the exported file."""
     from sparse_eqv.cli import main
@@ -246,7 +246,7 @@ def test_str_run_exports_through_the_cli(tmp_path, shared_data):
     base_file = nequip_reference.write_checkpoint(tmp_path / "base.ckpt", small_config(), ema=True)
     import ase.io
 
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000")[:6]
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-iter.000000-data.000")[:6]
     images = []
     for frame in frames:
         atoms = frame.to_atoms()

@@ -1,5 +1,5 @@
 """Fine-tuning end to end on a small SevenNet-architecture model and real
-SSE-PBE frames (Li10GeP2S12, ../shared/data/sse-pbe): run directory and CLI,
+SSE-PBE frames (Li10GeP2S12, tests/data/sse-pbe): run directory and CLI,
 merge, equivariance of the fine-tuned model, data parallelism, kill and
 resume, baselines, bad input."""
 
@@ -37,7 +37,7 @@ EPOCHS, BATCH = 2, 4
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data):
+def workdir(tmp_path_factory, real_frames_dir):
     """A tiny model directory (random weights, per-type shift) and SSE-PBE splits as extxyz."""
     root = tmp_path_factory.mktemp("finetune")
     module = build_model(TINY_CONFIG)
@@ -47,9 +47,9 @@ def workdir(tmp_path_factory, shared_data):
     variables = jax.tree.map(np.asarray, variables)
     variables["constants"]["shift"] = np.array([-1.0, -5.0, -4.0, -4.5])  # far from PBE: the E0 fit matters
     save_model(root / "model", TINY_CONFIG, variables)
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-init.system")
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")
     write_extxyz(root / "train.xyz", frames[:8])
-    write_extxyz(root / "valid.xyz", frames[300:302])
+    write_extxyz(root / "valid.xyz", frames[18:20])  # frames 300-301 of the full file
     return root
 
 

@@ -3,7 +3,7 @@
 `tests/torch_ref/mace_reference.py` runs in the MACE environment
 (.venv-mace) once per session: it builds each architecture with mace's own
 random initialisation, saves it as a `.model` file, loads it back and
-predicts energy, forces and stress for a few frames of ../shared/data. This
+predicts energy, forces and stress for a few real frames of tests/data. This
 file converts each `.model` with `weights_convert.mace` (no torch) and
 predicts the same frames, batched and padded, through
 `sparse_eqv.potential.energy_forces_stress`.
@@ -35,15 +35,16 @@ from weights_convert.torch_pickle import load_checkpoint, module_state_dict
 
 REFERENCE_SCRIPT = Path(__file__).parent / "torch_ref" / "mace_reference.py"
 
-# (file under ../shared/data, frame indices): a padded batch of several frames each.
+# (file under tests/data, frame indices into it): a padded batch of several frames each.
+# The comments give the frames' indices in the full files (tests/data/README.md).
 FRAME_SETS = {
     "materials": [
-        ("cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz", [60]),  # 108 atoms, periodic
-        ("sse-pbe/LiGePS-iter.000000-data.000", [0, 150]),  # 50 atoms, periodic, Li Ge P S
+        ("cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz", [3]),  # frame 60; 108 atoms, periodic
+        ("sse-pbe/LiGePS-iter.000000-data.000", [0, 6]),  # frames 0, 150; 50 atoms, periodic, Li Ge P S
     ],
     "organics": [
-        ("rmd17/rmd17_aspirin_test_01.npz", [0, 500]),
-        ("rmd17/rmd17_paracetamol_test_01.npz", [0, 500]),
+        ("rmd17/rmd17_aspirin_test_01.npz", [0, 8]),  # frames 0, 500
+        ("rmd17/rmd17_paracetamol_test_01.npz", [0, 1]),  # frames 0, 500
     ],
 }
 
@@ -64,10 +65,10 @@ E_TOL, F_TOL, S_TOL = 1e-8, 1e-7, 1e-8  # eV/atom, eV/Å, eV/Å^3
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _write_frames(shared_data: Path, frame_set: str, path: Path) -> None:
+def _write_frames(real_frames_dir: Path, frame_set: str, path: Path) -> None:
     frames = []
     for name, indices in FRAME_SETS[frame_set]:
-        available = read_frames(shared_data / name)
+        available = read_frames(real_frames_dir / name)
         frames += [available[i] for i in indices]
     ase.io.write(path, [f.to_atoms() for f in frames], format="extxyz")
 
@@ -85,11 +86,11 @@ def _run_reference(mace_python: Path, jobs: list[dict], workdir: Path, timeout: 
 
 
 @pytest.fixture(scope="session")
-def references(tmp_path_factory, mace_python, shared_data) -> Path:
+def references(tmp_path_factory, mace_python, real_frames_dir) -> Path:
     """Directory with <arch>.model and <arch>.npz for every case, plus the unsupported-*.model files."""
     root = tmp_path_factory.mktemp("mace_reference")
     for frame_set in FRAME_SETS:
-        _write_frames(shared_data, frame_set, root / f"{frame_set}.extxyz")
+        _write_frames(real_frames_dir, frame_set, root / f"{frame_set}.extxyz")
     jobs = [
         dict(arch=arch, seed=seed, model=str(root / f"{arch}.model"), frames=str(root / f"{frame_set}.extxyz"),
              out=str(root / f"{arch}.npz"), head=head)
@@ -162,10 +163,10 @@ def test_parity_float32(references):
     assert err["stress"] <= 1e-5, err
 
 
-def test_rotation_equivariance(references, shared_data):
+def test_rotation_equivariance(references, real_frames_dir):
     """Energy invariant, forces and stress rotate with the frame (hidden L=2, ZBL, Agnesi model)."""
     config, variables = convert(references / "mpa0-medium.model")
-    frame = read_frames(shared_data / FRAME_SETS["materials"][1][0])[3]
+    frame = read_frames(real_frames_dir / FRAME_SETS["materials"][1][0])[3]
     rotation = np.linalg.qr(np.random.default_rng(7).normal(size=(3, 3)))[0]
     rotation *= np.sign(np.linalg.det(rotation))
     rotated = dataclasses.replace(frame, positions=frame.positions @ rotation.T, cell=frame.cell @ rotation.T)
@@ -252,9 +253,9 @@ def test_other_architecture_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_parity_full_size_mp0_medium(tmp_path, mace_python, shared_data):
+def test_parity_full_size_mp0_medium(tmp_path, mace_python, real_frames_dir):
     """MACE-MP-0 medium at foundation size (128x0e+128x1o, 89 elements replaced by the frames' 7)."""
-    _write_frames(shared_data, "materials", tmp_path / "materials.extxyz")
+    _write_frames(real_frames_dir, "materials", tmp_path / "materials.extxyz")
     job = dict(arch="mp0-medium", seed=11, model=str(tmp_path / "mp0.model"), frames=str(tmp_path / "materials.extxyz"),
                out=str(tmp_path / "mp0.npz"), full_size=True)
     _run_reference(mace_python, [job], tmp_path, timeout=1800)

@@ -3,7 +3,7 @@ backbone + dense head), unchanged default outputs, export and reload.
 
 Model: a tiny nequip checkpoint for Ni and O (random weights, written with
 nequip itself so that export has a real torch base), converted once. Data:
-a few frames of ../shared/data/nio-spin (antiferromagnetic NiO, DeePMD
+a few frames of tests/data/nio-spin (antiferromagnetic NiO, DeePMD
 spin.npy in μB)."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def deepmd_subset(source: Path, target: Path, frames: list[int]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, shared_data):
+def setup(tmp_path_factory, real_frames_dir):
     """The converted tiny model (dir, torch base file) and NiO train/valid subsets."""
     from torch_ref import nequip_reference
 
@@ -69,8 +69,9 @@ def setup(tmp_path_factory, shared_data):
     base_file = nequip_reference.write_checkpoint(root / "base.ckpt", TINY_NEQUIP)
     config, variables = convert(base_file)
     save_model(root / "model", config, variables)
-    deepmd_subset(shared_data / NIO / "data_0", root / "train", [0, 20, 40, 59])
-    deepmd_subset(shared_data / NIO / "data_2", root / "valid", [0, 30])
+    # frames 0, 20, 40, 59 of data_0 and 0, 30 of data_2 (the fixtures hold just these)
+    deepmd_subset(real_frames_dir / NIO / "data_0", root / "train", [0, 1, 2, 3])
+    deepmd_subset(real_frames_dir / NIO / "data_2", root / "valid", [0, 1])
     return root, base_file
 
 
@@ -119,12 +120,12 @@ def graph_of(frames: list[Frame], config: dict):
 # ------------------------------------------------------------------ data
 
 
-def test_spin_reader(shared_data, tmp_path):
-    path = shared_data / NIO / "data_0"
+def test_spin_reader(real_frames_dir, tmp_path):
+    path = real_frames_dir / NIO / "data_0"
     frames = read_frames(path)
     spin = np.load(path / "set.000" / "spin.npy")
-    assert len(frames) == spin.shape[0] == 60 and spin.shape[1] == 3 * 32
-    for i in (0, 59):
+    assert len(frames) == spin.shape[0] == 4 and spin.shape[1] == 3 * 32  # frames 0, 20, 40, 59 of data_0
+    for i in range(4):
         assert frames[i].magmoms.shape == (32, 3)
         np.testing.assert_array_equal(frames[i].magmoms, spin[i].reshape(32, 3))
         norms = np.linalg.norm(frames[i].magmoms, axis=1)
@@ -168,7 +169,7 @@ def rotated(frame: Frame, rotation: np.ndarray) -> Frame:
     return Frame(frame.numbers, frame.positions @ rotation.T, frame.cell @ rotation.T, frame.pbc, source="rotated")
 
 
-def test_scalar_invariant_vector_equivariant(setup, shared_data, predict):
+def test_scalar_invariant_vector_equivariant(setup, real_frames_dir, predict):
     root, _ = setup
     config, variables = load_model(root / "model")
     frame = read_frames(root / "valid")[0]

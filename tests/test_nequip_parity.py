@@ -62,8 +62,8 @@ def oam_l_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def frames(shared_data):
-    return real_frames(shared_data)
+def frames(real_frames_dir):
+    return real_frames(real_frames_dir)
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +120,9 @@ def test_torch_names_cover_params(small):
 
 
 @pytest.mark.slow
-def test_oam_l_hyperparameters(tmp_path, shared_data):
+def test_oam_l_hyperparameters(tmp_path, real_frames_dir):
     """The NequIP-OAM-L architecture converts and matches (random weights, Cu + aspirin)."""
-    frames = real_frames(shared_data, cu=1, sse=0, aspirin=1)
+    frames = real_frames(real_frames_dir, cu=1, sse=0, aspirin=1)
     path = nequip_reference.write_checkpoint(tmp_path / "oam_l.ckpt", oam_l_config())
     config, variables = nequip_convert.convert(path)
     assert len(config["layers"]) == 6 and config["irreps_sh"] == "1x0e+1x1o+1x2e+1x3o"
@@ -131,9 +131,9 @@ def test_oam_l_hyperparameters(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-def test_trusted_package(tmp_path, shared_data):
+def test_trusted_package(tmp_path, real_frames_dir):
     """A `nequip-package` archive: refused without trust, converted and matching with it."""
-    frames = read_cu(shared_data)
+    frames = read_cu(real_frames_dir)
     model = {**small_config(), "type_names": ["Cu"], "avg_num_neighbors": 20.0,
              "per_type_energy_scales": 1.0, "per_type_energy_shifts": {"Cu": 0.0},
              "pair_potential": {**ZBL, "chemical_species": ["Cu"]}}
@@ -152,8 +152,8 @@ def test_trusted_package(tmp_path, shared_data):
     _check("nequip package float64", frames, config, variables, package, TOL)
 
 
-def read_cu(shared_data):
-    return real_frames(shared_data, cu=1, sse=0, aspirin=0)
+def read_cu(real_frames_dir):
+    return real_frames(real_frames_dir, cu=1, sse=0, aspirin=0)
 
 
 def test_untrusted_package_is_refused(tmp_path):
@@ -218,13 +218,13 @@ def test_wrong_files_are_refused(tmp_path):
         nequip_convert.convert(state)
 
 
-def test_unknown_element(tmp_path, shared_data):
+def test_unknown_element(tmp_path, real_frames_dir):
     model = {**small_config(), "type_names": ["C", "H"], "num_layers": 1,
              "avg_num_neighbors": 8.0, "per_type_energy_scales": 1.0, "per_type_energy_shifts": {"C": 0.0, "H": 0.0},
              "pair_potential": None}
     path = nequip_reference.write_checkpoint(tmp_path / "ch.ckpt", model)
     config, _ = nequip_convert.convert(path)
     assert config["atomic_numbers"] == [6, 1]
-    aspirin = real_frames(shared_data, cu=0, sse=0, aspirin=1)[0]
+    aspirin = real_frames(real_frames_dir, cu=0, sse=0, aspirin=1)[0]
     with pytest.raises(DataError, match=r"O \(Z=8\)"):
         frame_to_graph(aspirin, config["atomic_numbers"], config["r_max"])

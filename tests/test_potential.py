@@ -51,8 +51,8 @@ def perturbed(frames, seed):
 
 
 @pytest.mark.parametrize("source", ["cu/mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz", "cu/mlearn_Cu_test.json"])
-def test_energy_forces_stress_match_ase(shared_data, source):
-    frames = perturbed(read_frames(shared_data / source)[:3], seed=0)
+def test_energy_forces_stress_match_ase(real_frames_dir, source):
+    frames = perturbed(read_frames(real_frames_dir / source)[:3], seed=0)
     graph = batch_graphs([frame_to_graph(f, [29], CUTOFF) for f in frames])
     out = jax.jit(lambda g: energy_forces_stress(PairLJ().apply, {}, g))(graph)
     offset = 0
@@ -65,8 +65,8 @@ def test_energy_forces_stress_match_ase(shared_data, source):
         offset += n
 
 
-def test_molecule_without_cell(shared_data):
-    frames = read_frames(shared_data / "rmd17" / "rmd17_aspirin_test_01.npz")[:2]
+def test_molecule_without_cell(real_frames_dir):
+    frames = read_frames(real_frames_dir / "rmd17" / "rmd17_aspirin_test_01.npz")[:2]
     graph = batch_graphs([frame_to_graph(f, [1, 6, 8], CUTOFF) for f in frames])
     out = energy_forces_stress(PairLJ().apply, {}, graph)
     for index, frame in enumerate(frames):

@@ -349,16 +349,16 @@ def test_full_run_reports_changed_entries_and_scratch_is_refused(sevenn_model, t
 
 
 @pytest.mark.slow
-def test_finetuned_run_report_through_the_cli(sevenn_model, shared_data, tmp_path):
+def test_finetuned_run_report_through_the_cli(sevenn_model, real_frames_dir, tmp_path):
     """finetune (STR, one epoch on SSE-PBE frames) -> report -> export --delta-only, through the CLI."""
     from test_finetune import write_extxyz
 
     from sparse_eqv.data.readers import read_frames
 
     model_dir, _ = sevenn_model
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-init.system")
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")
     train = write_extxyz(tmp_path / "train.xyz", frames[:2])
-    valid = write_extxyz(tmp_path / "valid.xyz", frames[300:301])
+    valid = write_extxyz(tmp_path / "valid.xyz", frames[18:19])  # frame 300 of the full file
     run = tmp_path / "run"
     assert main(["finetune", str(model_dir), "--train", str(train), "--valid", str(valid), "--method", "str",
                  "--targets", "all", "embedding", "--init-threshold", "0.01", "--epochs", "1", "--batch-size", "2",

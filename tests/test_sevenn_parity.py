@@ -46,10 +46,10 @@ _FRAMES: list = []
 
 
 @pytest.fixture(scope="module")
-def frames(shared_data):
+def frames(real_frames_dir):
     """Cu 108 atoms, Li10GeP2S12 50 atoms, aspirin 21 atoms: one batch (one compilation per architecture)."""
     if not _FRAMES:
-        _FRAMES.extend(real_frames(shared_data))
+        _FRAMES.extend(real_frames(real_frames_dir))
     return _FRAMES
 
 

@@ -36,7 +36,7 @@ RTOL = 1e-10
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data):
+def workdir(tmp_path_factory, real_frames_dir):
     """A tiny model (random weights, per-type shift far from PBE) and 10 + 2 SSE-PBE frames."""
     root = tmp_path_factory.mktemp("variants")
     module = build_model(TINY_CONFIG)
@@ -46,9 +46,9 @@ def workdir(tmp_path_factory, shared_data):
     variables = jax.tree.map(np.asarray, variables)
     variables["constants"]["shift"] = np.array([-1.0, -5.0, -4.0, -4.5])
     save_model(root / "model", TINY_CONFIG, variables)
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-init.system")
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")
     write_extxyz(root / "train.xyz", frames[:10])
-    write_extxyz(root / "test.xyz", frames[300:302])
+    write_extxyz(root / "test.xyz", frames[18:20])  # frames 300-301 of the full file
     return root
 
 
@@ -251,11 +251,11 @@ class PairToy(nn.Module):
         return jax.ops.segment_sum(pair, receivers, species.shape[0])
 
 
-def test_variant_step_equals_single_steps_and_holds_inactive(shared_data):
+def test_variant_step_equals_single_steps_and_holds_inactive(real_frames_dir):
     """Three steps of K=2 variants (lambda_tau 0.01, 3), the second with variant 0
     inactive, against plain Trainer steps: 2 and 3 steps with each variant's decay
     (one compilation of the plain step serves both decays)."""
-    frames = read_frames(shared_data / "sse-pbe" / "LiGePS-init.system")[:4]
+    frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")[:4]
     graphs = make_graphs(frames, TINY_CONFIG["atomic_numbers"], TINY_CONFIG["r_max"])
     module = PairToy()
     params = jax.tree.map(np.asarray, module.init(jax.random.PRNGKey(1), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32),

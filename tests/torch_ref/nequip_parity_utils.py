@@ -16,11 +16,11 @@ from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
 
 
-def real_frames(shared_data, cu: int = 1, sse: int = 1, aspirin: int = 1) -> list[Frame]:
+def real_frames(real_frames_dir, cu: int = 1, sse: int = 1, aspirin: int = 1) -> list[Frame]:
     """Cu fcc (108 atoms, periodic), Li10GeP2S12 (50 atoms, periodic), aspirin (21 atoms, open)."""
-    frames = read_frames(shared_data / "cu" / "mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz")[:cu]
-    frames += read_frames(shared_data / "sse-pbe" / "LiGePS-iter.000000-data.000")[:sse]
-    frames += read_frames(shared_data / "rmd17" / "rmd17_aspirin_test_01.npz")[:aspirin]
+    frames = read_frames(real_frames_dir / "cu" / "mgcu_Cu_fcc_elastic_C44_strain_-0.010.extxyz")[:cu]
+    frames += read_frames(real_frames_dir / "sse-pbe" / "LiGePS-iter.000000-data.000")[:sse]
+    frames += read_frames(real_frames_dir / "rmd17" / "rmd17_aspirin_test_01.npz")[:aspirin]
     return frames
 
 

@@ -38,9 +38,15 @@ ROWS = {
     "elora": dict(method="elora"),
     "str-l": dict(method="str", threshold_decay=0.01),
     "str-h": dict(method="str", threshold_decay=0.3),
+    "str-0": dict(method="str", threshold_decay=0.0),  # control: no sparsity pressure on the same targets
+    "full+replay": dict(method="full", replay=True),  # with --replay FILE (pseudolabelled by the base)
+    "str-h+replay": dict(method="str", threshold_decay=0.3, replay=True),
+    "str-l+replay": dict(method="str", threshold_decay=0.01, replay=True),
 }
 LABELS = {"zero-shot": "Zero-shot", "scratch": "Scratch", "full": "Full FT", "elora": "ELoRA",
-          "str-l": "STR (L: λτ=0.01)", "str-h": "STR (H: λτ=0.3)"}
+          "str-l": "STR (L: λτ=0.01)", "str-h": "STR (H: λτ=0.3)",
+          "str-0": "STR (λτ=0, control)", "full+replay": "Full FT + replay", "str-h+replay": "STR (H) + replay",
+          "str-l+replay": "STR (L) + replay"}
 
 
 class _Pools:
@@ -143,11 +149,15 @@ def run_one(row: str, seed: int, args, model_dir: Path, data: dict[str, Path], o
         return json.loads((run_dir / "metrics.json").read_text())
     spec = dict(ROWS[row])
     method = MethodOptions(method=spec.pop("method"))
+    replay = args.replay if spec.pop("replay", False) else None
+    if row.endswith("+replay") and replay is None:
+        raise SystemExit(f"--methods {row} needs --replay FILE")
     config = TrainConfig(epochs=epochs_for(args, data), batch_size=args.batch_size, lr=args.lr, seed=seed,
-                         score_lr=args.score_lr, schedule=args.schedule, **spec)
+                         score_lr=args.score_lr, schedule=args.schedule, replay_weight=args.replay_weight, **spec)
     resume = (run_dir / "checkpoints" / "last").exists()  # an interrupted run continues where it stopped
     return finetune(model_dir, run_dir, train=data["train"], valid=data["valid"], test=data["test"],
-                    method=method, config=config, overwrite=not resume, resume=resume, progress=not args.quiet)
+                    method=method, config=config, overwrite=not resume, resume=resume, progress=not args.quiet,
+                    replay=replay)
 
 
 def epochs_for(args, data: dict[str, Path]) -> int:
@@ -207,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--score-lr", type=float, default=None, help="STR score lr (default: --lr)")
     parser.add_argument("--schedule", default="cosine", choices=("plateau", "cosine", "constant"))
+    parser.add_argument("--replay", type=Path, default=None, help="replay frames of the +replay rows (base pseudolabels)")
+    parser.add_argument("--replay-weight", type=float, default=1.0)
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("-o", "--output", required=True, type=Path)
     args = parser.parse_args(argv)

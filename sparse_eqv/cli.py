@@ -260,7 +260,7 @@ def cmd_curves(args: argparse.Namespace) -> None:
     from sparse_eqv.curves import write_curves
 
     path = write_curves(args.runs, args.output, labels=args.labels, title=args.title)
-    print(f"wrote {path}: validation force MAE and layer sparsity against optimiser step for {len(args.runs)} run(s)")
+    print(f"wrote {path}: learning curves of {len(args.runs)} run(s) against the optimiser step")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_keys(p)
     p.set_defaults(func=cmd_robustness)
 
-    p = sub.add_parser("curves", help="learning curves of runs (validation force MAE, layer sparsity vs step) as a PNG")
+    p = sub.add_parser("curves", help="learning curves of runs (training loss, validation MAE, layer sparsity vs step) as a PNG")
     p.add_argument("runs", nargs="+", type=Path, help="run directories (each with a log.csv)")
     p.add_argument("-o", "--output", required=True, type=Path, help="PNG file to write")
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: directory names)")

@@ -1,8 +1,8 @@
 """Learning curves of fine-tuning runs, drawn from their `log.csv`.
 
-One figure, one line per run: validation force MAE (meV/Å, log axis) and,
-for STR runs, layer sparsity (% of targeted deltas at exactly zero) against
-the optimiser step. `sparse-eqv curves RUN [RUN ...] -o FIGURE.png` draws
+One figure, one line per run: training loss, validation energy and force
+MAE (meV/atom, meV/Å; log axes) and, for STR runs, layer sparsity (% of
+targeted deltas at exactly zero) against the optimiser step. `sparse-eqv curves RUN [RUN ...] -o FIGURE.png` draws
 it for any runs, so the figures in docs/figures are the ones a user gets for
 their own runs.
 """
@@ -39,33 +39,39 @@ def read_log(run_dir: str | Path) -> dict[str, list[float]]:
     return {key: [float(row[key]) if row[key] not in ("", None) else math.nan for row in rows] for key in rows[0]}
 
 
+# (log.csv column, y label, log scale): the panels, left to right; a panel no run has a column for is left out.
+PANELS = (
+    ("train_loss", "training loss (weighted)", True),
+    ("valid_energy_mae", "validation energy MAE (meV/atom)", True),
+    ("valid_forces_mae", "validation force MAE (meV/Å)", True),
+    ("layer_sparsity", "layer sparsity (% of targeted deltas at zero)", False),
+)
+
+
 def curves_figure(logs: dict[str, dict[str, list[float]]], title: str | None = None):
-    """A matplotlib Figure of two panels over optimiser steps: validation
-    force MAE (meV/Å, log scale) and layer sparsity (%); `logs` maps a line's
-    label to `read_log`'s columns. Runs without a layer_sparsity column
-    (full, ELoRA) appear in the first panel only."""
+    """A matplotlib Figure of one panel per PANELS column that some run logged,
+    against the optimiser step, one line per run (the same colour in every
+    panel); `logs` maps a line's label to `read_log`'s columns. Runs without a
+    column (full and ELoRA have no layer_sparsity) are absent from that panel."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11.0, 4.2), layout="constrained")
-    error_ax, sparsity_ax = figure.subplots(1, 2)
-    for label, log in logs.items():
-        line, = error_ax.plot(log["step"], log["valid_forces_mae"], marker=".", label=label)
-        if "layer_sparsity" in log:
-            sparsity_ax.plot(log["step"], [100.0 * s for s in log["layer_sparsity"]], marker=".",
-                             color=line.get_color(), label=label)
-    error_ax.set_yscale("log")
-    error_ax.set_xlabel("optimiser step")
-    error_ax.set_ylabel("validation force MAE (meV/Å)")
-    error_ax.grid(True, which="both", alpha=0.3)
-    error_ax.legend(fontsize=8)
-    sparsity_ax.set_xlabel("optimiser step")
-    sparsity_ax.set_ylabel("layer sparsity (% of targeted deltas at zero)")
-    sparsity_ax.set_ylim(0.0, 100.0)
-    sparsity_ax.grid(True, alpha=0.3)
-    if sparsity_ax.lines:
-        sparsity_ax.legend(fontsize=8)
-    else:
-        sparsity_ax.text(0.5, 0.5, "no STR run", ha="center", va="center", transform=sparsity_ax.transAxes)
+    panels = [p for p in PANELS if any(p[0] in log for log in logs.values())]
+    figure = Figure(figsize=(4.6 * len(panels), 4.0), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    colours = {label: f"C{k}" for k, label in enumerate(logs)}
+    for ax, (column, ylabel, log_scale) in zip(axes, panels):
+        for label, log in logs.items():
+            if column in log:
+                scale = 100.0 if column == "layer_sparsity" else 1.0
+                ax.plot(log["step"], [scale * v for v in log[column]], marker=".", color=colours[label], label=label)
+        if log_scale:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0.0, 100.0)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
     if title:
         figure.suptitle(title)
     return figure

@@ -46,6 +46,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sparse_eqv.atomic_write import atomic_file
+from sparse_eqv.curves import LOG_FILE, write_curves
 from sparse_eqv.errors import CheckpointError, SparseEqvError
 
 NONE = "(none)"
@@ -359,7 +360,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     """Write report.json, report.txt and the heatmaps into `out_dir`
     (default RUN_DIR/report), each file atomically; returns the PNG paths:
     layer_path.png (layer x e3nn path) and, where the model has
-    element-indexed weights among the targeted ones, element_l.png."""
+    element-indexed weights among the targeted ones, element_l.png; and the
+    learning curves of the run's log.csv, curves.png (`sparse_eqv.curves`)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "report"
     tables = report_tables(run_dir)
@@ -382,4 +384,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         figure = _heatmap_figure(f"{name}: element-indexed weights by element and output l",
                                  list(tables["element_l"]), ls, tables["element_l"], "output l")
         figures.append(_save(figure, out_dir / FIGURES[1]))
+    if (run_dir / LOG_FILE).exists():
+        figures.append(write_curves([run_dir], out_dir / "curves.png", title=f"{name}: learning curves"))
     return figures

@@ -35,12 +35,13 @@ def runs(tmp_path):
 def test_figure_lines_are_the_logged_values(runs):
     str_run, full_run = runs
     figure = curves_figure({"STR H": read_log(str_run), "full": read_log(full_run)})
-    error_ax, sparsity_ax = figure.axes[:2]
+    error_ax, sparsity_ax = figure.axes  # no run logged a training loss or energy MAE: two panels
     lines = {line.get_label(): line for line in error_ax.lines}
     np.testing.assert_allclose(lines["STR H"].get_xdata(), [50, 100, 150, 200])
     np.testing.assert_allclose(lines["STR H"].get_ydata(), [80.0, 40.0, 80.0 / 3, 20.0])
     np.testing.assert_allclose(lines["full"].get_ydata(), [70.0, 35.0, 70.0 / 3])
     assert error_ax.get_yscale() == "log"
+    assert error_ax.get_ylabel() == "validation force MAE (meV/Å)"
     (sparsity_line,) = sparsity_ax.lines  # the full run has no sparsity column
     assert sparsity_line.get_label() == "STR H"
     np.testing.assert_allclose(sparsity_line.get_ydata(), [20.0, 40.0, 60.0, 80.0])

@@ -107,8 +107,12 @@ def test_run_directory_metrics_and_log(str_run):
         metrics["sparsity"]["n_targeted"] / metrics["sparsity"]["n_params"])
     assert metrics["valid"]["forces_mae"] > 0 and metrics["valid"]["n_frames"] == 2
     rows = (str_run / "log.csv").read_text().splitlines()
-    assert len(rows) == 1 + EPOCHS and "valid_forces_mae" in rows[0]
+    assert len(rows) == 1 + EPOCHS and "valid_forces_mae" in rows[0] and "threshold_median" in rows[0]
+    lines = (str_run / "train.log").read_text().splitlines()
+    assert [line.split(" step")[0] for line in lines] == [f"epoch {e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert "layer sparsity" in lines[-1] and "thresholds" in lines[-1]
     run = json.loads((str_run / "run.json").read_text())
+    assert run["elements"] == [3, 15, 16, 32]
     assert run["e0s"] == "fit" and "params/layer_0/linear_1/w[0,0]" in run["targeted_leaves"]
     # the E0 fit moved the per-type shift of the elements present (Li, P, S, Ge)
     config, variables = load_for_inference(str_run)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -372,3 +373,12 @@ def test_finetuned_run_report_through_the_cli(sevenn_model, real_frames_dir, tmp
     _, deltas = read_patch(tmp_path / "run.delta")
     assert sum(d.indices.size for d in deltas) == totals["n_delta_nonzero"] > 0
     assert (run / "report" / "layer_path.png").exists() and (run / "report" / "element_l.png").exists()
+
+
+def test_report_draws_the_learning_curves_of_a_logged_run(sevenn_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(sevenn_run, run)
+    (run / "log.csv").write_text("epoch,step,train_loss,valid_forces_mae,layer_sparsity\n1,10,2.0,50.0,0.3\n2,20,1.0,40.0,0.5\n")
+    figures = write_report(run, tmp_path / "out")
+    assert [p.name for p in figures][-1] == "curves.png"
+    assert figures[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

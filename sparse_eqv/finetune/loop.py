@@ -570,9 +570,13 @@ class Trainer:
         if hasattr(self.method, "thresholded_delta"):
             from sparse_eqv.sparsity import layer_sparsity
 
+            tree = state.ema or state.tree
             row["layer_sparsity"] = layer_sparsity(
-                {k: np.asarray(v) for k, v in self.method.thresholded_delta(state.ema or state.tree).items()}
+                {k: np.asarray(v) for k, v in self.method.thresholded_delta(tree).items()}
             )
+            thresholds = list(self.method.thresholds(tree).values())
+            row["threshold_min"], row["threshold_median"], row["threshold_max"] = (
+                float(np.min(thresholds)), float(np.median(thresholds)), float(np.max(thresholds)))
         state.history.append(row)
         state.epoch += 1
         state.batch = 0

@@ -5,7 +5,9 @@ Run directory:
     RUN_DIR/run.json            options, data files and frame counts, targets,
                                 fitted E0 shift, base model (written first)
     RUN_DIR/log.csv             one row per epoch (loss, lr, validation MAE/RMSE,
-                                layer sparsity, wall time, compilations)
+                                layer sparsity, STR thresholds min/median/max,
+                                wall time, compilations)
+    RUN_DIR/train.log           the same, one readable line per epoch (follow it with `tail -F`)
     RUN_DIR/model/              a model directory (config.json + variables/) with
                                 the best epoch's effective params merged into the
                                 base and the E0-shifted constants: `predict`,
@@ -266,6 +268,30 @@ def _write_csv(path: Path, rows: Sequence[dict]) -> None:
         tmp.write_text(buffer.getvalue())
 
 
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """One line of RUN_DIR/train.log from a log.csv row (losses, validation
+    MAE in meV/atom and meV/Å, STR sparsity and thresholds, lr, s/epoch)."""
+    parts = [f"epoch {row['epoch']}/{epochs} step {row['step']}",
+             f"train loss {row['train_loss']:.4g} valid loss {row['valid_loss']:.4g}",
+             f"valid E MAE {_num(row.get('valid_energy_mae'))} meV/atom F MAE {_num(row.get('valid_forces_mae'))} meV/Å"]
+    if "layer_sparsity" in row:
+        parts.append(f"layer sparsity {row['layer_sparsity']:.1%} thresholds {row['threshold_min']:.3g}.."
+                     f"{row['threshold_max']:.3g} (median {row['threshold_median']:.3g})")
+    parts.append(f"lr {row['lr']:.3g} {row['epoch_s']:.1f} s/epoch")
+    return " | ".join(parts)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def write_train_log(run_dir: Path, history: Sequence[dict], epochs: int) -> None:
+    """RUN_DIR/train.log: one `epoch_line` per finished epoch (rewritten whole, atomically,
+    so a resumed run's log is the uninterrupted one's); follow it with `tail -F`."""
+    with atomic_file(run_dir / "train.log") as tmp:
+        tmp.write_text("".join(epoch_line(row, epochs) + "\n" for row in history))
+
+
 def finetune(
     model_dir: str | Path,
     run_dir: str | Path,
@@ -390,6 +416,7 @@ def finetune(
     def on_epoch(state: TrainState) -> None:
         if distributed.is_primary():
             _write_csv(run_dir / "log.csv", state.history)
+            write_train_log(run_dir, state.history, config.epochs)
 
     state = trainer.fit(
         state, (train_graphs, train_frames), (valid_graphs, valid_frames),

@@ -59,6 +59,7 @@ from sparse_eqv.finetune.loop import (
 from sparse_eqv.finetune.run import (
     MethodOptions, _write_csv, _write_json, best_metrics, check_resume, check_run_options, fit_e0s, load_base,
     make_method, read_inputs, run_info, scratch_params, split_frames, training_elements, write_best,
+    write_train_log,
 )
 from sparse_eqv.models import build_model
 
@@ -512,6 +513,7 @@ def finetune_variants(
 
     def on_epoch(k: int, run: TrainState) -> None:
         _write_csv(run_dir / names[k] / "log.csv", run.history)
+        write_train_log(run_dir / names[k], run.history, config.epochs)
 
     state = trainer.fit_variants(
         state, [train_pair for train_pair, _ in data], [valid_pair for _, valid_pair in data],

@@ -142,7 +142,7 @@ def zero_shot(model_dir: Path, data: dict[str, Path]) -> dict:
 def run_one(row: str, seed: int, args, model_dir: Path, data: dict[str, Path], out: Path) -> dict:
     """metrics.json of one (method, seed) run; reused if it already finished."""
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, finetune
+    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
 
     run_dir = out / "runs" / f"{row}_seed{seed}"
     if (run_dir / "metrics.json").exists():
@@ -152,8 +152,11 @@ def run_one(row: str, seed: int, args, model_dir: Path, data: dict[str, Path], o
     replay = args.replay if spec.pop("replay", False) else None
     if row.endswith("+replay") and replay is None:
         raise SystemExit(f"--methods {row} needs --replay FILE")
-    config = TrainConfig(epochs=epochs_for(args, data), batch_size=args.batch_size, lr=args.lr, seed=seed,
-                         score_lr=args.score_lr, schedule=args.schedule, replay_weight=args.replay_weight, **spec)
+    lr = args.str_lr if method.method == "str" else args.lr
+    config = TrainConfig(epochs=epochs_for(args, data), batch_size=args.batch_size, seed=seed,
+                         lr=default_lr(method.method) if lr is None else lr,
+                         score_lr=TrainConfig.score_lr if args.score_lr is None else args.score_lr,
+                         schedule=args.schedule, replay_weight=args.replay_weight, **spec)
     resume = (run_dir / "checkpoints" / "last").exists()  # an interrupted run continues where it stopped
     return finetune(model_dir, run_dir, train=data["train"], valid=data["valid"], test=data["test"],
                     method=method, config=config, overwrite=not resume, resume=resume, progress=not args.quiet,
@@ -179,22 +182,23 @@ def _mean_std(values: list[float]) -> str:
 
 def table(results: dict[str, list[dict]]) -> tuple[str, dict]:
     """Markdown table and JSON summary from the runs' metrics."""
-    lines = ["| method | E MAE (meV/atom) | F MAE (meV/Å) | sparsity % total (layer) | s/epoch | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | E MAE (meV/atom) | F MAE (meV/Å) | sparsity % total (layer) | steps | wall (min) | seeds |",
+             "|---|---|---|---|---|---|---|"]
     summary = {}
     for row, runs in results.items():
         energy = [r["test"]["energy_mae"] for r in runs]
         forces = [r["test"]["forces_mae"] for r in runs]
         total = [100 * r["sparsity"]["total_sparsity"] for r in runs]
         layer = [100 * r["sparsity"]["layer_sparsity"] for r in runs if "layer_sparsity" in r["sparsity"]]
-        sparsity = f"{np.mean(total):.1f}" + (f" ({np.mean(layer):.1f})" if layer else "")
-        per_epoch = [r["s_per_epoch"] for r in runs if r.get("s_per_epoch")]
+        sparsity = f"{_mean_std(total)}" + (f" ({_mean_std(layer)})" if layer else "")
+        steps = [r["steps"] for r in runs if "steps" in r]
+        wall = [r["session_wall_s"] / 60 for r in runs if "session_wall_s" in r]
         lines.append(f"| {LABELS[row]} | {_mean_std(energy)} | {_mean_std(forces)} | {sparsity} | "
-                     f"{np.median(per_epoch):.0f} | {len(runs)} |" if per_epoch else
-                     f"| {LABELS[row]} | {_mean_std(energy)} | {_mean_std(forces)} | {sparsity} | - | {len(runs)} |")
+                     f"{max(steps) if steps else '-'} | {f'{np.mean(wall):.1f}' if wall else '-'} | {len(runs)} |")
         summary[row] = {"energy_mae_meV_per_atom": energy, "forces_mae_meV_per_A": forces,
                         "total_sparsity_percent": total, "layer_sparsity_percent": layer,
-                        "s_per_epoch": per_epoch}
+                        "steps": steps, "wall_min": wall,
+                        "s_per_epoch": [r["s_per_epoch"] for r in runs if r.get("s_per_epoch")]}
     return "\n".join(lines), summary
 
 
@@ -214,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="instead of --epochs: at least this many optimiser steps")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--score-lr", type=float, default=None, help="STR score lr (default: --lr)")
+    parser.add_argument("--lr", type=float, default=None, help="lr of the non-STR rows (default: finetune's)")
+    parser.add_argument("--score-lr", type=float, default=None, help="STR score lr (default: finetune's)")
+    parser.add_argument("--str-lr", type=float, default=None, help="lr of the STR rows' deltas (default: finetune's)")
     parser.add_argument("--schedule", default="cosine", choices=("plateau", "cosine", "constant"))
     parser.add_argument("--replay", type=Path, default=None, help="replay frames of the +replay rows (base pseudolabels)")
     parser.add_argument("--replay-weight", type=float, default=1.0)
@@ -257,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
 
     header = (f"**{args.name}** -- model {args.model}; train/valid/test frames "
               f"{len(read_frames(data['train']))}/{len(read_frames(data['valid']))}/{len(read_frames(data['test']))}; "
-              f"{epochs_for(args, data)} epochs, batch {args.batch_size}, lr {args.lr}, score lr {args.score_lr or args.lr}, "
+              f"{epochs_for(args, data)} epochs, batch {args.batch_size}, lr {args.lr or 'default'} "
+              f"(STR {args.str_lr or 'default'}), "
+              f"score lr {args.score_lr or 'default'}, "
               f"{args.schedule} schedule, seeds {args.seeds}; wall {wall / 60:.1f} min this invocation")
     print("\n" + header + "\n\n" + markdown)
     (args.output / "table.md").write_text(header + "\n\n" + markdown + "\n")

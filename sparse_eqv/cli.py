@@ -97,7 +97,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, finetune
+    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
+    from sparse_eqv.finetune.str import SCORE_LR
     from sparse_eqv.finetune.variants import make_variants, parse_values
 
     decays = parse_values(args.threshold_decay, "--threshold-decay", float)
@@ -111,7 +112,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         delta_std=args.delta_std, init_threshold=args.init_threshold, rank=args.rank, alpha=args.alpha,
     )
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seeds[0], score_lr=args.score_lr,
+        epochs=args.epochs, batch_size=args.batch_size, lr=default_lr(args.method) if args.lr is None else args.lr,
+        seed=seeds[0], score_lr=SCORE_LR if args.score_lr is None else args.score_lr,
         threshold_decay=decays[0], dense_weight_decay=args.weight_decay, clip_norm=args.clip_norm,
         schedule=args.schedule, patience=args.patience, ema_decay=args.ema_decay,
         checkpoint_every=args.checkpoint_every, dense_lr=args.dense_lr,
@@ -143,7 +145,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if "layer_sparsity" in spars and spars["layer_sparsity"] < REGIME_LAYER_SPARSITY:
         print(f"note: after {result['steps']} steps the STR thresholds have not risen to the paper's regime yet "
               f"(layer sparsity {spars['layer_sparsity']:.1%} < {REGIME_LAYER_SPARSITY:.0%}): train longer "
-              f"(--epochs) or raise the score learning rate (--score-lr, now {config.score_lr or config.lr})")
+              f"(--epochs) or raise the score learning rate (--score-lr, now {config.score_lr})")
 
 
 def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
@@ -316,12 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-path", action="store_true", help="STR: one threshold per e3nn path instead of per layer")
     p.add_argument("--delta-std", type=float, default=0.01, help="STR: std of the initial delta")
     p.add_argument("--init-threshold", type=float, default=1e-3, help="STR: sigmoid(score) at the start")
-    p.add_argument("--score-lr", type=float, default=None, help="STR: learning rate of the scores (default --lr)")
+    p.add_argument("--score-lr", type=float, default=None, help="STR: learning rate of the scores (default 0.05)")
     p.add_argument("--rank", type=int, default=16, help="ELoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="ELoRA scale alpha (delta = alpha/r A B)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4, help="frames per step, over all devices")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 3e-3 for STR's deltas, 1e-3 for the other methods)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of dense params (full, scratch)")
     p.add_argument("--clip-norm", type=float, default=10.0, help="global gradient-norm clip")
     p.add_argument("--schedule", choices=("plateau", "cosine", "constant"), default="plateau")

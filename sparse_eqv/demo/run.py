@@ -153,7 +153,7 @@ def _print_table(zero: dict, tuned: dict, sparsity: dict, result: dict, seconds:
 
 
 def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None, model: str | Path = "7net-0",
-             minutes: float = 3.0, batch_size: int = 4, lr: float = 1e-3, threshold_decay: float = 0.05,
+             minutes: float = 3.0, batch_size: int = 4, lr: float | None = None, threshold_decay: float = 0.05,
              seed: int = 0, dtype: str = "float32", n_frames: int = 200, epochs: int = 10_000,
              progress: bool = True, compilation_cache: bool = True) -> dict[str, Any]:
     """Run the demo under `output`; returns the summary it prints (also OUT/summary.json).
@@ -162,6 +162,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
         data: a labelled file of your own instead of the EMT set (split 70/15/15 %).
         model: checkpoint, bundled name (7net-0) or converted model directory.
         minutes: fine-tuning wall-time budget, compilation included.
+        lr: peak learning rate of the STR deltas (None: `finetune.run.default_lr("str")`).
         epochs: at most this many epochs (the time budget usually ends training first).
         n_frames: size of the EMT set.
         compilation_cache: keep compiled programs in OUT/jax_cache.
@@ -170,7 +171,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     from sparse_eqv.data.readers import read_frames
     from sparse_eqv.finetune.evaluate import prediction_metrics
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, finetune
+    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
     from sparse_eqv.inference import Predictor
     from sparse_eqv.report import write_report
     from weights_convert.export import export_run
@@ -207,6 +208,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
 
     _say(f"4/6 STR fine-tuning for about {minutes:g} min (the first step compiles the training step)", started)
     run_dir = output / "run"
+    lr = default_lr("str") if lr is None else lr
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threshold_decay=threshold_decay,
                                time_limit_s=60.0 * minutes, one_budget=True)
     result = finetune(model_dir, run_dir, train=splits["train"], valid=splits["valid"], test=splits["test"],

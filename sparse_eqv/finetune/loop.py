@@ -48,6 +48,7 @@ from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
 from sparse_eqv.errors import CheckpointError, DataError, SparseEqvError, out_of_memory
 from sparse_eqv.finetune.losses import LossWeights, error_metrics, loss_sums, total_loss
 from sparse_eqv.finetune.optim import make_optimizer, scale_updates
+from sparse_eqv.finetune.str import SCORE_LR
 from sparse_eqv.potential import energy_forces_stress
 
 STATE_FILE = "state.json"
@@ -61,7 +62,7 @@ class TrainConfig:
 
     Attributes:
         epochs, batch_size (frames per step, over all devices), lr, seed.
-        score_lr: STR score learning rate (None: lr).
+        score_lr: STR score learning rate (None: lr; default `str.SCORE_LR`).
         threshold_decay: lambda_tau, weight decay on STR scores.
         dense_weight_decay: weight decay on dense leaves (full, scratch).
         dense_lr: learning rate of dense leaves, e.g. a new moment head (None: lr).
@@ -89,7 +90,7 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-3
     seed: int = 0
-    score_lr: float | None = None
+    score_lr: float | None = SCORE_LR
     threshold_decay: float = 0.05
     dense_weight_decay: float = 0.0
     dense_lr: float | None = None

@@ -57,11 +57,17 @@ from sparse_eqv.finetune import replay as replay_lib
 from sparse_eqv.finetune.dense import Full
 from sparse_eqv.finetune.lora import ELoRA
 from sparse_eqv.finetune.loop import Trainer, TrainConfig, TrainState, make_graphs, save_state
-from sparse_eqv.finetune.str import STR
+from sparse_eqv.finetune.str import DELTA_LR, STR
 from sparse_eqv.finetune.targets import describe, leaf_path, select_targets
 from sparse_eqv.models import build_model
 
 METHODS = ("str", "full", "elora", "scratch")
+
+
+def default_lr(method: str) -> float:
+    """The peak learning rate a method gets unless told otherwise: STR's deltas
+    `str.DELTA_LR`, every other method TrainConfig's (1e-3)."""
+    return DELTA_LR if method == "str" else TrainConfig.lr
 # Options that must agree between a run and its --resume.
 _RESUME_KEYS = ("method", "targets", "per_path", "seed", "batch_size", "lr", "threshold_decay", "e0s", "data", "model",
                 "magmom", "replay")

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # Every run of a table is the same architecture: its compiled predictions come back from disk.
+    jax.config.update("jax_compilation_cache_dir", str((args.table_dir / "jax_cache").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from sparse_eqv.robustness import robustness
 
     started = time.perf_counter()

@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4, help="frames per step, over all devices")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: 3e-3 for STR's deltas, 1e-3 for the other methods)")
+                   help="peak learning rate (default: 1e-2 for STR's deltas, 1e-3 for the other methods)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of dense params (full, scratch)")
     p.add_argument("--clip-norm", type=float, default=10.0, help="global gradient-norm clip")
     p.add_argument("--schedule", choices=("plateau", "cosine", "constant"), default="plateau")

@@ -36,9 +36,9 @@ LAYER_SCORE = "threshold_score"
 # the thresholds reach their level within the first few hundred steps, and the deltas at DELTA_LR, fast
 # enough that the deltas worth keeping outgrow the rising thresholds instead of being cut off with the
 # rest. At the optimiser's lr (1e-3) for both, thresholds barely rise in a few hundred steps; with the
-# scores at 0.05 and the deltas at 1e-3 they rise faster than the deltas can follow.
+# scores at 0.05 and the deltas at 1e-3 (or 3e-3) they rise faster than the deltas can follow.
 SCORE_LR = 0.05
-DELTA_LR = 3e-3
+DELTA_LR = 1e-2
 
 
 def soft_threshold(x: jax.Array, threshold: jax.Array) -> jax.Array:

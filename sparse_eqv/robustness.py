@@ -10,8 +10,9 @@ model it started from ("base", run.json's "model"):
   (a change of reference, not of physics), forces in meV/Å.
 - Dimers (`dimer_curve`): for each pair of elements of the training data,
   E(r) - E(isolated atoms) from 0.5 Å to r_max, eV. A curve has a *hole*
-  when, moving inward from its minimum, the energy falls by more than
-  HOLE_TOLERANCE_EV anywhere, or when its minimum is the innermost point.
+  when, moving inward from its bonding well (the outermost local minimum
+  deeper than WELL_DEPTH_EV), the energy falls by more than HOLE_TOLERANCE_EV
+  anywhere, or when its lowest point is the innermost one.
 - MD (`md_check`): a Langevin run from a frame; the smallest pair distance
   (Å), the largest force (eV/Å) and whether the run stayed physical (finite
   predictions, no pair closer than half the starting minimum or
@@ -40,7 +41,8 @@ from sparse_eqv.inference import Predictor
 
 DIMER_START = 0.5  # Å, innermost distance of a dimer curve
 DIMER_STEP = 0.02  # Å
-HOLE_TOLERANCE_EV = 0.01  # energy drop moving inward from the minimum that counts as a hole
+HOLE_TOLERANCE_EV = 0.01  # energy drop moving inward from the well that counts as a hole
+WELL_DEPTH_EV = 0.1  # a local minimum this far below the isolated atoms is a bond's well
 WALL_HEIGHT_EV = 1.0  # the repulsive wall is where E(r) - E(isolated) first reaches this, moving inward
 MIN_PHYSICAL_DISTANCE = 0.5  # Å: an MD run with a pair closer than this did not stay physical
 
@@ -124,26 +126,32 @@ def _dimer_frames(za: int, zb: int, distances: np.ndarray) -> list[Frame]:
 
 
 def curve_features(distances: np.ndarray, energies: np.ndarray) -> dict[str, Any]:
-    """Minimum, repulsive wall and hole of a binding curve.
+    """The bonding well, repulsive wall and hole of a binding curve.
 
     Args:
         distances: (R,) increasing, Å. energies: (R,) E(r) - E(isolated), eV.
 
     Returns:
-        r_min (Å) and e_min (eV) of the lowest point; wall_r: the largest r
-        inside the minimum where the energy reaches WALL_HEIGHT_EV (None: never);
-        hole_depth (eV): the largest drop of energy moving inward from the
-        minimum (inf when the minimum is the innermost point); hole: depth
-        above HOLE_TOLERANCE_EV.
+        r_min (Å), e_min (eV): the lowest point; well_r, well_e: the outermost
+        local minimum at least WELL_DEPTH_EV deep (the bond; r_max when the
+        curve has none); wall_r: the largest r inside the well where the energy
+        reaches WALL_HEIGHT_EV (None: never); hole_depth (eV): the largest
+        drop of energy moving inward from the well (inf when the lowest point
+        is the innermost one); hole: depth above HOLE_TOLERANCE_EV.
     """
-    k = int(np.argmin(energies))
-    inner_e = energies[: k + 1][::-1]  # from the minimum inward
+    e = energies
+    wells = [i for i in range(1, len(e) - 1) if e[i] <= e[i - 1] and e[i] <= e[i + 1] and e[i] < -WELL_DEPTH_EV]
+    k = wells[-1] if wells else len(e) - 1
+    inner_e = e[: k + 1][::-1]  # from the well inward
     inner_r = distances[: k + 1][::-1]
-    depth = float("inf") if k == 0 else float(np.max(np.maximum.accumulate(inner_e) - inner_e))
+    lowest = int(np.argmin(e))
+    depth = float("inf") if lowest == 0 else float(np.max(np.maximum.accumulate(inner_e) - inner_e))
     above = np.nonzero(inner_e >= WALL_HEIGHT_EV)[0]
     return {
-        "r_min": float(distances[k]),
-        "e_min": float(energies[k]),
+        "r_min": float(distances[lowest]),
+        "e_min": float(e[lowest]),
+        "well_r": float(distances[k]),
+        "well_e": float(e[k]),
         "wall_r": float(inner_r[above[0]]) if above.size else None,
         "hole_depth": depth,
         "hole": depth > HOLE_TOLERANCE_EV,
@@ -294,12 +302,12 @@ def format_result(result: dict[str, Any]) -> str:
             f"{_num(tuned.get('raw', {}).get('forces_mae')):>11}  {_num(e_base):>10}  {_num(e_tuned):>11}  "
             f"{_num(entry['drift']['energy_mae_e0_fit']):>7}  {_num(entry['drift']['forces_mae']):>7}"
         )
-    lines += ["", "dimer   r_min base/tuned (Å)  E_min base/tuned (eV)  wall(1 eV) base/tuned (Å)  hole base/tuned"]
+    lines += ["", "dimer   well r base/tuned (Å)  well E base/tuned (eV)  wall(1 eV) base/tuned (Å)  hole base/tuned"]
     for d in result["dimers"]:
         b, t = d["base"], d["finetuned"]
         flag = "  <- NEW HOLE" if d["new_hole"] else ""
         lines.append(
-            f"{d['pair']:<7} {b['r_min']:>6.2f} / {t['r_min']:<6.2f}      {b['e_min']:>7.2f} / {t['e_min']:<7.2f}      "
+            f"{d['pair']:<7} {b['well_r']:>6.2f} / {t['well_r']:<6.2f}       {b['well_e']:>7.2f} / {t['well_e']:<7.2f}      "
             f"{_num(b['wall_r'], '.2f'):>5} / {_num(t['wall_r'], '.2f'):<5}              "
             f"{'yes' if b['hole'] else 'no':>3} / {'yes' if t['hole'] else 'no'}{flag}"
         )

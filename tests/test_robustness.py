@@ -81,19 +81,23 @@ def test_curve_features():
     r = np.linspace(0.5, 5.0, 226)
     morse = 2.0 * ((1 - np.exp(-1.5 * (r - 2.0))) ** 2 - 1)
     features = curve_features(r, morse)
-    assert features["r_min"] == pytest.approx(2.0, abs=0.02) and not features["hole"]
+    assert features["well_r"] == pytest.approx(2.0, abs=0.02) and not features["hole"]
     wall = r[r < 2.0][np.argmin(np.abs(morse[r < 2.0] - 1.0))]
     assert features["wall_r"] == pytest.approx(wall, abs=0.03)
     turned = np.where(r < 1.0, morse[np.argmin(np.abs(r - 1.0))] - 20.0 * (1.0 - r), morse)  # the wall turns over
     assert curve_features(r, turned)["hole"] and curve_features(r, turned)["hole_depth"] == pytest.approx(10.0, abs=0.1)
     collapse = -10.0 / r  # falls all the way in
     assert curve_features(r, collapse)["hole_depth"] == np.inf
+    inner_well = np.where(r < 1.0, morse[np.argmin(np.abs(r - 1.0))] - 1000.0 * (1.0 - r) * (r - 0.6), morse)
+    features = curve_features(r, inner_well)  # a deeper well at 0.8 Å behind the wall: the bond stays at 2 Å
+    assert features["well_r"] == pytest.approx(2.0, abs=0.02) and features["r_min"] < 1.0 and features["hole"]
     ripple = morse - 0.5 * HOLE_TOLERANCE_EV * np.exp(-((r - 1.5) / 0.05) ** 2)  # below the tolerance
     assert not curve_features(r, ripple)["hole"]
 
 
 def test_new_hole_is_reported():
-    curve = {"energy": [], "r_min": 1.0, "e_min": -1.0, "wall_r": 0.7, "hole_depth": 0.0, "hole": False}
+    curve = {"energy": [], "r_min": 1.0, "e_min": -1.0, "well_r": 1.0, "well_e": -1.0, "wall_r": 0.7,
+             "hole_depth": 0.0, "hole": False}
     holed = {**curve, "hole_depth": 0.4, "hole": True}
     text = format_result({"run": "r", "base": "b", "elements": ["Cu"], "data": [], "md": [],
                           "dimers": [{"pair": "Cu-Cu", "r": [], "base": curve, "finetuned": holed, "new_hole": True}]})

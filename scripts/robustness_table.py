@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every run of a table is the same architecture: its compiled predictions come back from disk.
     jax.config.update("jax_compilation_cache_dir", str((args.table_dir / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from sparse_eqv.robustness import robustness
+    from sparse_eqv.robustness import curve_features, robustness
 
     started = time.perf_counter()
     ood = [subsample(path, args.frames, args.table_dir / "ood") for path in args.ood]
@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = run / "robustness" / "result.json"
         if cache.exists() and json.loads(cache.read_text()).get("data_files") == [str(p) for p in [test, *ood]]:
             rows[method] = json.loads(cache.read_text())
+            for dimer in rows[method]["dimers"]:  # the curves are kept: their features follow the current definition
+                for name in ("base", "finetuned"):
+                    dimer[name].update(curve_features(np.array(dimer["r"]), np.array(dimer[name]["energy"])))
+                dimer["new_hole"] = dimer["finetuned"]["hole"] and not dimer["base"]["hole"]
             continue
         result = robustness(run, [test, *ood], md_steps=args.md_steps, md_frames=args.md_frames,
                             temperature=args.temperature, progress=lambda message: None)

@@ -104,3 +104,12 @@ def test_file_labels_need_labels(workdir, tmp_path, capsys):
     assert code == 2
     assert "replay.xyz: --replay-labels file, but" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_replay_batches_of_mixed_sizes_compile_the_step_once(workdir, tmp_path):
+    whole = read_frames(workdir / "replay.xyz")[0].to_atoms()
+    ase.io.write(tmp_path / "mixed.xyz", [whole, whole[:20], whole[:35]])  # 50-, 20- and 35-atom structures
+    config = TrainConfig(epochs=1, batch_size=2, lr=0.01, seed=1, schedule="constant")
+    result = finetune(workdir / "model", tmp_path / "run", train=workdir / "train.xyz", valid=workdir / "valid.xyz",
+                      method=MethodOptions(method="full"), config=config, progress=False, replay=tmp_path / "mixed.xyz")
+    assert result["compiles"]["train"] == 1  # every replay mix is padded to one budget

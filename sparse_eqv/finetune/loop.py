@@ -293,21 +293,22 @@ class Trainer:
     def shard_size(self) -> int:
         return -(-self.config.batch_size // self.n_devices)
 
-    def stack(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[jraph.GraphsTuple, list[list[int]]]:
+    def stack(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int],
+              budget: GraphBudget | None = None) -> tuple[jraph.GraphsTuple, list[list[int]]]:
         """Split frames `indices` into one shard per device, pad alike, stack.
 
         Every shard is filled up to `shard_size()` graphs with label-free
         copies of its own (or the batch's first) frames, so a short last batch
         pads to the same budget as a full one when frames are alike in size.
         The budget is a pure function of the batch and the run's frames
-        (`fit_budgets`), so resume stays exact.
+        (`fit_budgets`), so resume stays exact; `budget` pads to that one instead.
 
         Returns:
             the stacked batch (leading axis: device) placed on the mesh, and
             the frame indices of each shard (real graphs come first).
         """
         parts, shards = self.shard_parts(graphs, indices)
-        return jax.device_put(self.pad_parts(parts), self.sharded), shards
+        return jax.device_put(self.pad_parts(parts, budget), self.sharded), shards
 
     def shard_parts(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[list[list[jraph.GraphsTuple]], list[list[int]]]:
         """The graphs of each device's shard of frames `indices` (filled up to
@@ -321,14 +322,14 @@ class Trainer:
             parts.append([graphs[i] for i in shard] + [_masked_copy(graphs[fill[k % len(fill)]]) for k in range(size - len(shard))])
         return parts, shards
 
-    def pad_parts(self, parts: Sequence[Sequence[jraph.GraphsTuple]]) -> jraph.GraphsTuple:
-        """Pad every shard to one budget (the largest shard's, rounded up) and
-        stack them on a leading axis; host arrays in the run's dtype."""
-        n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
-        n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
-        if self.config.one_budget and self.largest_budget is not None:
+    def pad_parts(self, parts: Sequence[Sequence[jraph.GraphsTuple]], budget: GraphBudget | None = None) -> jraph.GraphsTuple:
+        """Pad every shard to one budget (`budget`, else the largest shard's,
+        rounded up) and stack them on a leading axis; host arrays in the run's dtype."""
+        if budget is None and self.config.one_budget and self.largest_budget is not None:
             budget = self.largest_budget
-        else:
+        elif budget is None:
+            n_node = max(sum(int(g.n_node[0]) for g in p) for p in parts)
+            n_edge = max(sum(int(g.n_edge[0]) for g in p) for p in parts)
             budget = GraphBudget.round_up(n_node, n_edge, self.shard_size()).at_most(self.largest_budget)
         self.budgets.add(budget)
         padded = [batch_graphs(p, budget) for p in parts]
@@ -501,6 +502,9 @@ class Trainer:
         from tqdm import tqdm
 
         train_graphs, train_frames = train
+        # Replay batches are random mixes of the replay frames: padded to one budget that fits any of them,
+        # the step compiles once per training budget, not once per mix.
+        replay_budget = None if replay is None else GraphBudget.fitting_any(replay[0], self.shard_size())
         n_batches = -(-len(train_frames) // self.config.batch_size)
         self.total_steps = n_batches * self.config.epochs
         while state.epoch < self.config.epochs and not state.stopped:
@@ -519,7 +523,7 @@ class Trainer:
                 batch, _ = self.stack(train_graphs, batches[state.batch])
                 replay_batch = None
                 if replay is not None:
-                    replay_batch, _ = self.stack(replay[0], self.replay_batch(len(replay[1]), state.step))
+                    replay_batch, _ = self.stack(replay[0], self.replay_batch(len(replay[1]), state.step), replay_budget)
                 loss = self.train_step(state, batch, replay_batch)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss} at step {state.step} (lower --lr?)")

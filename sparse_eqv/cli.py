@@ -24,21 +24,25 @@ def _enable_x64() -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from sparse_eqv.checkpoint import save_model
-    from weights_convert.convert import convert
+    from weights_convert.convert import convert, resolve_checkpoint
 
+    checkpoint = resolve_checkpoint(args.checkpoint)
     started = time.perf_counter()
-    config, variables = convert(
-        args.checkpoint, dtype=args.dtype, head=args.head, trust=args.trust_checkpoint
-    )
+    config, variables = convert(checkpoint, dtype=args.dtype, head=args.head, trust=args.trust_checkpoint)
     if args.magmom_head is not None:
         config, variables = _attach_magmom_head(config, variables, args.magmom_head)
     save_model(args.output, config, variables, overwrite=args.overwrite)
     n_params = sum(int(getattr(x, "size", 1)) for x in _leaves(variables.get("params", {})))
     print(
-        f"converted {config['source']['kind']} model {args.checkpoint} -> {args.output} "
+        f"converted {config['source']['kind']} model {_named(args.checkpoint, checkpoint)} -> {args.output} "
         f"({n_params} parameters, {len(config['atomic_numbers'])} elements, r_max {config['r_max']} Å, "
         f"{config['dtype']}, {time.perf_counter() - started:.1f} s)"
     )
+
+
+def _named(given: str, path: Path) -> str:
+    """`given`, followed by the file it resolved to when that is another (a model name)."""
+    return given if Path(given) == path else f"{given} ({path})"
 
 
 def _attach_magmom_head(config, variables, path: Path):
@@ -276,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="torch checkpoint (MACE .model, nequip .ckpt/.nequip.zip, SevenNet .pth) -> Flax model dir")
-    p.add_argument("checkpoint", help="checkpoint file, or a bundled SevenNet name such as 7net-0")
+    p.add_argument("checkpoint", help="checkpoint file, or a model name: a MACE foundation model such as "
+                   "mace-mp-0b3-medium (downloaded once, cached) or a bundled SevenNet name such as 7net-0; "
+                   "an unknown name lists the known ones")
     p.add_argument("-o", "--output", required=True, type=Path, help="model directory to write")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--head", default=None, help="head of a multi-head model (default: the only one)")

@@ -17,6 +17,10 @@ class UnsupportedModelError(SparseEqvError):
     """A model option outside what the Flax implementation reproduces."""
 
 
+class DownloadError(SparseEqvError):
+    """A file that could not be downloaded whole (no connection, HTTP error, truncated or corrupt)."""
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Whether `error` is XLA's RESOURCE_EXHAUSTED (an allocation failed on the device or host)."""
     return "RESOURCE_EXHAUSTED" in str(error)

@@ -36,3 +36,19 @@ def mace_python() -> Path:
         pytest.skip(f"{MACE_PYTHON} missing: run `make setup`")
     return MACE_PYTHON
 
+
+@pytest.fixture(scope="session")
+def small_mace_model(tmp_path_factory, mace_python) -> Path:
+    """A `.model` file written by mace-torch itself (`torch.save` of the module): the MACE-OFF23-small
+    architecture with reduced channels (16x0e hidden, tests/torch_ref/mace_reference.py), random
+    weights (seed 0), float64, for H C N O F P S Cl Br I, r_max 5 Å."""
+    import os
+    import subprocess
+
+    path = tmp_path_factory.mktemp("small_mace") / "off23-small.model"
+    subprocess.run(
+        [str(mace_python), str(REPO_ROOT / "tests" / "torch_ref" / "mace_reference.py"), "off23-small", "--seed", "0",
+         "--model", str(path)],
+        check=True, capture_output=True, env={**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}, timeout=600,
+    )
+    return path

@@ -9,15 +9,15 @@ from weights_convert.detect import detect_kind
 
 
 def resolve_checkpoint(name: str | Path) -> Path:
-    """A path as given, or the bundled SevenNet checkpoint a name like `7net-0` stands for."""
+    """A path as given, or the checkpoint a model name stands for (`7net-0`, `mace-mp-0b3-medium`, ...:
+    `weights_convert.foundations`, which may download it). A string that is no existing file and has
+    neither a directory part nor a file suffix counts as a name."""
     path = Path(name)
-    if not path.exists() and str(name).lower().startswith("7net"):
-        from weights_convert.sevenn import resolve_bundled
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    from weights_convert.foundations import resolve
 
-        bundled = resolve_bundled(str(name))
-        if bundled is not None:
-            return bundled
-    return path
+    return resolve(str(name))
 
 
 def convert(checkpoint: str | Path, *, dtype: str = "float64", head: str | None = None, trust: bool = False) -> tuple[dict[str, Any], Any]:

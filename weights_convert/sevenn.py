@@ -38,6 +38,11 @@ _BUNDLED = {
 }
 
 
+def bundled_names() -> list[str]:
+    """The names of the checkpoints shipped inside the sevenn package (`7net-0`, ...)."""
+    return list(_BUNDLED)
+
+
 def resolve_bundled(name: str) -> Path | None:
     """Path of a checkpoint shipped inside the sevenn package (`7net-0`, ...), or None."""
     key = str(name).strip().lower()

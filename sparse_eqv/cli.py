@@ -98,13 +98,21 @@ def cmd_predict(args: argparse.Namespace) -> None:
     )
 
 
+# Options config.yaml leaves out: they act on the run directory of one invocation (a repeat with
+# `--config RUN_DIR/config.yaml -o NEW` must neither resume nor overwrite NEW unless told so).
+_NOT_RECORDED = ("overwrite", "resume")
+RUN_CONFIG_FILE = "config.yaml"
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from sparse_eqv.config_file import resolve
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.loop import TrainConfig
     from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
     from sparse_eqv.finetune.str import SCORE_LR
     from sparse_eqv.finetune.variants import make_variants, parse_values
 
+    args = resolve(args)  # defaults < --config FILE < flags given here
     decays = parse_values(args.threshold_decay, "--threshold-decay", float)
     seeds = [args.seed] if args.seeds is None else parse_values(args.seeds, "--seeds", int)
     if args.distributed or args.coordinator is not None:
@@ -130,12 +138,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise SparseEqvError("--replay trains one run at a time: give one --threshold-decay and no --seeds list")
         _finetune_variants(args, method, config, make_variants(decays, seeds))
         return
+    record = _config_recorder(args)
     result = finetune(
         args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
         test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
         n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet, magmom=args.magmom,
-        replay=args.replay, replay_labels=args.replay_labels,
+        replay=args.replay, replay_labels=args.replay_labels, on_checkpoint=record,
     )
+    record()
     valid, spars = result["valid"], result["sparsity"]
     layer = f", layer sparsity {spars['layer_sparsity']:.1%}" if "layer_sparsity" in spars else ""
     print(
@@ -155,15 +165,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
     from sparse_eqv.finetune.variants import finetune_variants, summary_table
 
+    record = _config_recorder(args)
     summary = finetune_variants(
         args.model, args.output, variants=variants, train=args.train, valid=args.valid,
         valid_fraction=args.valid_fraction, test=args.test, method=method, config=config, e0s=args.e0s,
         overwrite=args.overwrite, resume=args.resume, n_devices=args.devices, read_options=_read_options(args),
-        progress=not args.quiet, magmom=getattr(args, "magmom", None),
+        progress=not args.quiet, magmom=getattr(args, "magmom", None), on_checkpoint=record,
     )
+    record()
     print(summary_table(summary))
     print(f"{len(variants)} variants in one run, {summary['train_wall_s']:.1f} s training, "
           f"{sum(summary['compiles'].values())} compilation(s) -> {args.output}/<variant>")
+
+
+def _config_recorder(args: argparse.Namespace):
+    """A callback (an `on_checkpoint` of finetune, or called bare after it) that writes
+    RUN_DIR/config.yaml, every effective option but _NOT_RECORDED, once: at the run's first
+    checkpoint, when RUN_DIR exists, so the file is there while the run goes on."""
+    from sparse_eqv import distributed
+    from sparse_eqv.config_file import write_config
+
+    written = []
+
+    def record(state=None, kind=None) -> None:
+        if not written and distributed.is_primary():
+            written.append(write_config(args.output / RUN_CONFIG_FILE, args, leave_out=_NOT_RECORDED))
+
+    return record
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -175,7 +203,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from sparse_eqv.finetune.evaluate import evaluate
 
     with tqdm(unit="frame", desc="evaluate", disable=args.quiet) as bar:
-        result = evaluate(args.model, args.data, max_atoms=args.batch_atoms, progress=bar, read_options=_read_options(args))
+        evaluation = evaluate(args.model, args.data, max_atoms=args.batch_atoms, progress=bar,
+                              read_options=_read_options(args))
+    result = evaluation.metrics
     for name in ("raw", "e0_fit"):
         if name in result:
             m = result[name]
@@ -190,6 +220,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json is not None:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(result, indent=1))
+    if args.plot is not None:
+        from sparse_eqv.parity import SUMMARY_FILE, write_parity_plots
+
+        figures = write_parity_plots(
+            args.plot, evaluation.frames, evaluation.predictions, e0_shift_eV=result.get("e0_shift_eV"),
+            title=f"{args.model.absolute().name} on {args.data.name}", data=args.data,
+        )
+        for figure in figures:
+            print(f"figure: {figure}")
+        print(f"wrote {args.plot / SUMMARY_FILE}")
 
 
 def _fmt(value) -> str:
@@ -276,6 +316,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sparse_eqv.config_file import accept_config
+
     parser = argparse.ArgumentParser(prog="sparse-eqv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -374,12 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_label_keys(p)
+    accept_config(p)  # last: --config FILE.yaml may give every option above
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="MAE/RMSE of energy, forces, stress (raw and after an E0 fit)")
     p.add_argument("model", type=Path, help="model directory or fine-tuning run directory")
     p.add_argument("--data", required=True, type=Path, help="labelled data")
     p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                   help="write parity plots with error histograms here (parity_energy.png, parity_forces.png, "
+                        "parity_stress.png: the quantities the data labels) and their numbers (parity.json)")
     p.add_argument("--batch-atoms", type=int, default=1024, help="atoms per batch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_label_keys(p)

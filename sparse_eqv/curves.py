@@ -54,6 +54,7 @@ def curves_figure(logs: dict[str, dict[str, list[float]]], title: str | None = N
     panel); `logs` maps a line's label to `read_log`'s columns. Runs without a
     column (full and ELoRA have no layer_sparsity) are absent from that panel."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     panels = [p for p in PANELS if any(p[0] in log for log in logs.values())]
     figure = Figure(figsize=(4.6 * len(panels), 4.0), layout="constrained")
@@ -68,6 +69,7 @@ def curves_figure(logs: dict[str, dict[str, list[float]]], title: str | None = N
             ax.set_yscale("log")
         else:
             ax.set_ylim(0.0, 100.0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional steps on short runs
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

@@ -58,17 +58,57 @@ def write_extxyz(path: str | Path, frames: Sequence[Frame]) -> Path:
     return Path(path)
 
 
-def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """A model directory of `tiny_sevenn_config()` with random weights (PRNG `seed`); returns it."""
+def tiny_variables(seed: int = 0) -> dict[str, Any]:
+    """Random variables ({"params", "constants"}, numpy) of `tiny_sevenn_config()` from PRNG `seed`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from sparse_eqv.checkpoint import save_model
     from sparse_eqv.models import build_model
 
-    config = tiny_sevenn_config()
-    variables = build_model(config).init(
+    variables = build_model(tiny_sevenn_config()).init(
         jax.random.PRNGKey(seed), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32), jnp.array([0, 1, 0]), jnp.array([1, 0, 1])
     )
-    return save_model(directory, config, jax.tree.map(np.asarray, variables))
+    return jax.tree.map(np.asarray, variables)
+
+
+def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:
+    """A model directory of `tiny_sevenn_config()` with random weights (PRNG `seed`); returns it."""
+    from sparse_eqv.checkpoint import save_model
+
+    return save_model(directory, tiny_sevenn_config(), tiny_variables(seed))
+
+
+def write_labelled_frames(path: str | Path, n_frames: int, *, seed: int = 0, teacher_seed: int = 1,
+                          n_atoms: int = 8, box: float = 6.0) -> Path:
+    """Periodic Li/P/S/Ge frames as extxyz, labelled by a `tiny_sevenn_config()`
+    model with random weights (PRNG `teacher_seed`): energy (eV), forces (eV/Å)
+    and stress (eV/Å^3). Each frame: `n_atoms` atoms of random elements at
+    random positions at least 1.6 Å apart (numpy PRNG `seed`) in a cubic cell
+    of edge `box` Å. Returns `path`."""
+    import ase.io
+    import numpy as np
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from sparse_eqv.inference import Predictor
+
+    config = tiny_sevenn_config()
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n_frames):
+        positions: list[np.ndarray] = []
+        while len(positions) < n_atoms:  # rejection sampling under periodic images
+            candidate = rng.uniform(0.0, box, 3)
+            gaps = [candidate - p - box * np.round((candidate - p) / box) for p in positions]
+            if all(np.linalg.norm(g) >= 1.6 for g in gaps):
+                positions.append(candidate)
+        frames.append(Frame(numbers=rng.choice(config["atomic_numbers"], n_atoms), positions=np.array(positions),
+                            cell=box * np.eye(3), pbc=np.ones(3, bool), source=f"generated:{k}"))
+    images = []
+    for frame, label in zip(frames, Predictor(config, tiny_variables(teacher_seed)).predict(frames)):
+        atoms = frame.to_atoms()
+        atoms.calc = SinglePointCalculator(atoms, energy=label["energy"], forces=label["forces"],
+                                           stress=label["stress"])
+        images.append(atoms)
+    ase.io.write(path, images, format="extxyz")
+    return Path(path)

@@ -229,7 +229,7 @@ def jax_predictor(args) -> tuple[dict, object]:
 
 
 def str_trainer(args, config: dict, predictor, dataset) -> tuple:
-    """(Trainer, TrainState, batch) of the "train step" row: STR on the first `_train_batch_size` frames
+    """(Trainer, its RunsState, batch) of the "train step" row: STR on the first `_train_batch_size` frames
     of `dataset` as one batch, one device, budgets bounded by `dataset` as `sparse-eqv finetune` bounds them."""
     import jax.numpy as jnp
 

@@ -2,7 +2,7 @@
 
 Both sides fine-tune the same model on the same frames with the same options;
 the variants differ in lambda_tau (`--threshold-decay` list). The vmapped side
-is `finetune_variants` (one jitted step for all K), the separate side K calls
+is `finetune(..., variants=...)` (one jitted step for all K), the separate side K calls
 of `finetune` (each compiles its own step, as K CLI runs would), in one
 process, one after the other. Reported per side: wall time of the whole call
 (reading, E0 fit, compilation, training, writing), the first epoch (mostly
@@ -105,8 +105,7 @@ def time_steps(model: Path, train: Path, decays: list[float], config, repeats: i
     from sparse_eqv.checkpoint import load_model
     from sparse_eqv.data.readers import read_frames
     from sparse_eqv.finetune.loop import Trainer, make_graphs
-    from sparse_eqv.finetune.run import MethodOptions, make_method
-    from sparse_eqv.finetune.variants import VariantTrainer, make_variants
+    from sparse_eqv.finetune.run import MethodOptions, make_method, make_variants
     from sparse_eqv.models import build_model
 
     model_config, variables = load_model(model)
@@ -115,16 +114,16 @@ def time_steps(model: Path, train: Path, decays: list[float], config, repeats: i
     method = make_method(MethodOptions(method="str"), params, model_config)
     indices = list(range(config.batch_size))
     cutoff = float(model_config["r_max"])
-    variant = VariantTrainer(module, variables["constants"], method, [params] * len(decays), config,
-                             make_variants(decays, [config.seed]), cutoff=cutoff)
+    variant = Trainer(module, variables["constants"], method, params, config, make_variants(decays, [config.seed]),
+                      cutoff=cutoff)
     single = Trainer(module, variables["constants"], method, params, config, cutoff=cutoff)
     out = {}
     for label, trainer, step in (
-        ("vmapped_step_s", variant, lambda t, st, b: t.train_variants(st, b, [True] * len(decays))),
+        ("vmapped_step_s", variant, lambda t, st, b: t.train_step(st, b)),
         ("single_step_s", single, lambda t, st, b: t.train_step(st, b)),
     ):
-        state = trainer.initial_variant_state() if trainer is variant else trainer.initial_state()
-        batch = trainer.stack_variants([(graphs, None)], [indices]) if trainer is variant else trainer.stack(graphs, indices)[0]
+        state = trainer.initial_state()
+        batch = trainer.stack(graphs, indices)[0]
         started = time.perf_counter()
         step(trainer, state, batch)  # compiles
         out[label.replace("step_s", "compile_s")] = time.perf_counter() - started
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_default_matmul_precision", "highest")
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import finetune
-    from sparse_eqv.finetune.variants import finetune_variants, make_variants, parse_values, variant_names
+    from sparse_eqv.finetune.run import finetune, make_variants, parse_values, variant_names
 
     decays = (parse_values(args.decays, "--decays", float) if args.decays
               else [float(x) for x in np.round(np.geomspace(0.01, 0.3, args.k), 4)])
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     load = [os.getloadavg()[0]]
 
     started = time.perf_counter()
-    summary = finetune_variants(model, workdir / "vmapped", variants=make_variants(decays, [config.seed]), **common)
+    summary = finetune(model, workdir / "vmapped", variants=make_variants(decays, [config.seed]), **common)
     vmapped_wall = time.perf_counter() - started
     names = variant_names(make_variants(decays, [config.seed]))
     rows = epoch_rows(workdir / "vmapped" / names[0])  # wall times of the shared run

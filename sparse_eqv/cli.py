@@ -108,9 +108,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from sparse_eqv.config_file import resolve
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
+    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune, make_variants, parse_values
     from sparse_eqv.finetune.str import SCORE_LR
-    from sparse_eqv.finetune.variants import make_variants, parse_values
 
     args = resolve(args)  # defaults < --config FILE < flags given here
     decays = parse_values(args.threshold_decay, "--threshold-decay", float)
@@ -134,8 +133,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         replay_weight=args.replay_weight,
     )
     if len(decays) * len(seeds) > 1:
-        if args.replay is not None:
-            raise SparseEqvError("--replay trains one run at a time: give one --threshold-decay and no --seeds list")
         _finetune_variants(args, method, config, make_variants(decays, seeds))
         return
     record = _config_recorder(args)
@@ -163,14 +160,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
-    from sparse_eqv.finetune.variants import finetune_variants, summary_table
+    from sparse_eqv.finetune.run import finetune, summary_table
 
     record = _config_recorder(args)
-    summary = finetune_variants(
+    summary = finetune(
         args.model, args.output, variants=variants, train=args.train, valid=args.valid,
         valid_fraction=args.valid_fraction, test=args.test, method=method, config=config, e0s=args.e0s,
         overwrite=args.overwrite, resume=args.resume, n_devices=args.devices, read_options=_read_options(args),
-        progress=not args.quiet, magmom=getattr(args, "magmom", None), on_checkpoint=record,
+        progress=not args.quiet, magmom=args.magmom, replay=args.replay, replay_labels=args.replay_labels,
+        on_checkpoint=record,
     )
     record()
     print(summary_table(summary))
@@ -395,8 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay-labels", choices=("base", "file"), default="base",
                    help="label replay frames with the base model's predictions (pseudolabels, cached in RUN_DIR) or "
                         "use the file's own labels")
-    p.add_argument("--e0s", choices=("fit", "keep"), default="fit",
-                   help="fit per-element reference energies on the training set first, or keep the model's")
+    p.add_argument("--e0s", choices=("refit", "fit", "keep"), default="refit",
+                   help="per-element reference energies: fit them on the training set before training and again "
+                        "on the best model (refit), before only (fit), or keep the model's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default=None,
                    help="instead of --seed: a comma-separated list (0,1,2) trains one variant per seed (split, "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from sparse_eqv.data.frames import Frame
 
@@ -112,3 +116,80 @@ def write_labelled_frames(path: str | Path, n_frames: int, *, seed: int = 0, tea
         images.append(atoms)
     ase.io.write(path, images, format="extxyz")
     return Path(path)
+
+
+# sevenn checkpoint configs (the dict sevenn saves under "config"), for tests that
+# build a checkpoint with sevenn itself and random weights (`write_sevenn_checkpoint`).
+_SEVENN_SSE_SPECIES = ["Li", "P", "S", "Ge"]  # the SSE-PBE elements
+
+
+def tiny_sevenn_checkpoint_config() -> dict[str, Any]:
+    """A 4-channel SevenNet (sevenn's config keys) for Li, P, S, Ge: layer 0 with a
+    linear self-connection, layers 1 and 2 with sevenn's "nequip" self-connection
+    (a tensor product with the one-hot element attributes); parity on, so
+    convolution paths reach 0e, 1o and 1e; cutoff 4 Å, l <= 1."""
+    return {
+        "_model_type": "E3_equivariant_model", "chemical_species": list(_SEVENN_SSE_SPECIES),
+        "_number_of_species": 4, "_type_map": {3: 0, 15: 1, 16: 2, 32: 3},
+        "irreps_manual": False, "channel": 4, "lmax": 1, "is_parity": True, "num_convolution_layer": 3,
+        "weight_nn_hidden_neurons": [8], "self_connection_type": ["linear", "nequip", "nequip"], "cutoff": 4.0,
+        "radial_basis": {"radial_basis_name": "bessel", "bessel_basis_num": 4},
+        "cutoff_function": {"cutoff_function_name": "poly_cut", "poly_cut_p_value": 6},
+        "act_gate": {"e": "silu", "o": "tanh"}, "act_scalar": {"e": "silu", "o": "tanh"}, "act_radial": "silu",
+        "shift": [-2.0, -5.0, -4.0, -4.5], "scale": [1.0] * 4, "conv_denominator": [10.0, 12.0, 11.0],
+        "train_shift_scale": False, "train_denominator": False, "use_bias_in_linear": False, "readout_as_fcn": False,
+        "_normalize_sph": True, "interaction_type": "nequip", "dtype": "single",
+    }
+
+
+def tiny_cuni_checkpoint_config() -> dict[str, Any]:
+    """The Cu/Ni cousin of `tiny_sevenn_checkpoint_config` (two layers, no parity,
+    linear self-connections): a train step compiles fast."""
+    return {**tiny_sevenn_checkpoint_config(), "chemical_species": ["Cu", "Ni"], "_number_of_species": 2,
+            "_type_map": {29: 0, 28: 1}, "shift": [-3.5, -4.5], "scale": [1.0, 1.0], "is_parity": False,
+            "num_convolution_layer": 2, "self_connection_type": "linear", "conv_denominator": [10.0, 12.0]}
+
+
+def write_sevenn_checkpoint(path: str | Path, model_config: dict[str, Any], seed: int = 0) -> Path:
+    """A checkpoint as sevenn writes it ({"model_state_dict", "config"}) with random
+    weights drawn by torch under `seed`; needs torch and sevenn."""
+    import copy
+
+    import sevenn
+    import torch
+    from sevenn.checkpoint import _config_cp_routine
+    from sevenn.model_build import build_E3_equivariant_model
+
+    config = {**model_config, "version": sevenn.__version__}
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # sevenn builds in float32 (nequip may have left float64 set)
+    try:
+        torch.manual_seed(seed)
+        model = build_E3_equivariant_model(_config_cp_routine(copy.deepcopy(config)))
+    finally:
+        torch.set_default_dtype(previous)
+    torch.save({"model_state_dict": model.state_dict(), "config": config}, path)
+    return Path(path)
+
+
+def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
+    """Environment of training subprocesses: they share a persistent compilation
+    cache under `workdir`, so only the first one compiles the train step."""
+    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+
+
+def kill_at_marker(process: subprocess.Popen, marker: Path, timeout_s: float, why: Callable[[], str]) -> None:
+    """SIGKILL `process` once it has written `marker` (it then waits to be killed) and reap it.
+    Fails (AssertionError) with `why()` if the process ends first, or when no marker comes within timeout_s."""
+    try:
+        deadline = time.time() + timeout_s
+        while not marker.exists():
+            assert process.poll() is None, why()
+            assert time.time() < deadline
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -212,7 +212,7 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
     train_config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threshold_decay=threshold_decay,
                                time_limit_s=60.0 * minutes, one_budget=True)
     result = finetune(model_dir, run_dir, train=splits["train"], valid=splits["valid"], test=splits["test"],
-                      method=MethodOptions(method="str"), config=train_config, e0s="fit", overwrite=True,
+                      method=MethodOptions(method="str"), config=train_config, overwrite=True,
                       progress=progress)
     print(f"   {result['epochs']} epoch(s), {result['steps']} steps of {batch_size} frames, best epoch "
           f"{result['best_epoch']}, {sum(result['compiles'].values())} compilation(s)")

@@ -1,4 +1,17 @@
-"""The fine-tuning loop: one jitted, data-parallel train step over padded batches.
+"""The fine-tuning loop: one jitted, data-parallel train step for K >= 1 runs over padded batches.
+
+Runs: the step trains K variants of one run at once, which differ in
+lambda_tau and/or in the seed (`finetune --threshold-decay 0.01,0.05,0.3`,
+`--seeds 0,1,2`); an ordinary run is K = 1. The variants' own leaves, their
+optimiser state and EMA carry a leading axis of size K (`state.RunsState`);
+the frozen base leaves are passed once, as an argument the gradient is not
+taken with respect to, and one jitted step vmaps the per-run step over K.
+lambda_tau enters as a per-run argument of the score AdamW's decoupled
+decay, so one compilation serves every variant. Variant k equals the run
+`finetune --threshold-decay lambda_k --seed seed_k` up to float round-off.
+Variants with one seed share their batches (the geometry-only parts of the
+model are computed once); variants with several seeds have their own split,
+batch order and E0 fit, and their batches are stacked on the variant axis.
 
 Data parallel: a batch of `batch_size` frames is split into one shard per
 device; every shard is padded to the same budget and the shards are stacked
@@ -17,17 +30,17 @@ padded to that largest budget).
 
 Determinism and resume: the order of the training frames in epoch e is a
 permutation drawn from numpy's generator seeded by (seed, e). The loader
-position (epoch, next batch) and everything else the run depends on (trainable
-tree, optimiser state, EMA, schedule and early-stopping counters, the log
-rows) is in `TrainState`, which is checkpointed with orbax; a run killed
-anywhere and resumed from its last checkpoint ends with the same params as an
-uninterrupted one.
+position (epoch, next batch) and everything else a run depends on (trainable
+leaves, optimiser state, EMA, schedule and early-stopping counters, the log
+rows) is in the state, which is checkpointed with orbax (`state.save_state`);
+a run killed anywhere and resumed from its last checkpoint ends with the same
+params as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import time
 from pathlib import Path
@@ -39,21 +52,20 @@ import jraph
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from sparse_eqv import distributed
-from sparse_eqv.atomic_write import atomic_directory
-from sparse_eqv.checkpoint import pytree_checkpointer
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
-from sparse_eqv.errors import CheckpointError, DataError, SparseEqvError, out_of_memory
+from sparse_eqv.errors import DataError, SparseEqvError, out_of_memory
 from sparse_eqv.finetune.losses import LossWeights, error_metrics, loss_sums, total_loss
 from sparse_eqv.finetune.optim import make_optimizer, scale_updates
+from sparse_eqv.finetune.state import RunsState, TrainState, restore_runs_state, restore_state, save_state
 from sparse_eqv.finetune.str import SCORE_LR
 from sparse_eqv.potential import energy_forces_stress
+from sparse_eqv.sparsity import layer_sparsity
 
-STATE_FILE = "state.json"
 REPLAY_STREAM = 1  # the second element of the replay draws' seed, apart from the epoch permutations
-ARRAYS_DIR = "arrays"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,82 +119,12 @@ class TrainConfig:
     one_budget: bool = False
 
 
-@dataclasses.dataclass
-class TrainState:
-    """Everything a run depends on; checkpointed whole.
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One of the K runs a step trains: its lambda_tau and its seed."""
 
-    Attributes:
-        tree: the method's trainable tree (frozen base included).
-        opt_state: optax state (none for frozen leaves).
-        ema: moving average of `tree`, or None.
-        step: optimiser steps done.
-        epoch: current epoch (0-based); batch: next batch within it (loader position).
-        lr_scale: schedule factor on the peak lr (plateau).
-        best_loss, best_epoch: best validation loss so far.
-        plateau_best, bad_epochs: plateau-schedule counters.
-        epoch_loss, epoch_batches: running train loss of the current epoch.
-        stopped: early stopping triggered.
-        wall: seconds spent training (summed over resumed sessions).
-        history: one dict per finished epoch (the CSV log rows).
-    """
-
-    tree: Any
-    opt_state: Any
-    ema: Any
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0
-    lr_scale: float = 1.0
-    best_loss: float = math.inf
-    best_epoch: int = -1
-    plateau_best: float = math.inf
-    bad_epochs: int = 0
-    epoch_loss: float = 0.0
-    epoch_batches: int = 0
-    stopped: bool = False
-    wall: float = 0.0
-    history: list = dataclasses.field(default_factory=list)
-
-    _SCALARS = (
-        "step", "epoch", "batch", "lr_scale", "best_loss", "best_epoch", "plateau_best",
-        "bad_epochs", "epoch_loss", "epoch_batches", "stopped", "wall", "history",
-    )
-
-    def arrays(self) -> dict[str, Any]:
-        return {"tree": self.tree, "opt_state": self.opt_state, "ema": self.ema}
-
-    def scalars(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._SCALARS}
-
-
-def save_state(directory: Path, state: TrainState) -> None:
-    """Write the state atomically: orbax arrays (flattened leaves) + JSON scalars."""
-    leaves = jax.tree.leaves(state.arrays())
-    with atomic_directory(directory, overwrite=True) as tmp:
-        arrays = {f"{i:06d}": np.asarray(x) for i, x in enumerate(leaves)}
-        pytree_checkpointer().save((tmp / ARRAYS_DIR).absolute(), arrays)
-        scalars = state.scalars()
-        scalars["n_leaves"] = len(leaves)
-        (tmp / STATE_FILE).write_text(json.dumps(scalars, indent=1))
-
-
-def read_saved_arrays(directory: Path, template_arrays: Any) -> Any:
-    """The array tree written by `save_state`, checked leaf by leaf against `template_arrays`' shapes."""
-    template_leaves = jax.tree.leaves(template_arrays)
-    arrays = pytree_checkpointer().restore((directory / ARRAYS_DIR).absolute())
-    leaves = [np.asarray(arrays[f"{i:06d}"]) for i in range(len(template_leaves))]
-    for i, (a, b) in enumerate(zip(leaves, template_leaves)):
-        if a.shape != np.shape(b):
-            raise CheckpointError(f"{directory}: leaf {i} has shape {a.shape}, this run expects {np.shape(b)}")
-    return jax.tree.unflatten(jax.tree.structure(template_arrays), leaves)
-
-
-def restore_state(directory: Path, template: TrainState) -> TrainState:
-    """Read a state saved by `save_state`; `template` gives the tree structure."""
-    scalars = json.loads((directory / STATE_FILE).read_text())
-    if scalars.pop("n_leaves") != len(jax.tree.leaves(template.arrays())):
-        raise CheckpointError(f"{directory}: checkpoint does not match this run's method and model (leaf count)")
-    return TrainState(**read_saved_arrays(directory, template.arrays()), **scalars)
+    threshold_decay: float
+    seed: int
 
 
 def make_graphs(frames: Sequence[Frame], atomic_numbers: Sequence[int], cutoff: float) -> list[jraph.GraphsTuple]:
@@ -199,14 +141,19 @@ def _masked_copy(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:
 
 
 class Trainer:
-    """Fine-tunes one method on one model; also evaluates any params.
+    """Fine-tunes K >= 1 variants of one method on one model in one jitted step; also evaluates any params.
 
     Args:
         module: the Flax model (`build_model(config)`).
-        constants: the model's constants (never trained).
+        constants: the model's constants (never trained); per-variant E0-shifted
+            ones come from `set_constants`.
         method: STR, ELoRA or Full (see `sparse_eqv.finetune`).
-        base_params: the params the method starts from.
-        train_config: options.
+        base_params: the params the method starts from, or one per variant
+            (they differ only for a fresh initialisation, --method scratch,
+            with several seeds).
+        train_config: options; its threshold_decay and seed are those of the
+            run when `variants` is None.
+        variants: the K variants (lambda_tau, seed) that share every other option.
         n_devices: devices to use (default: all local ones; with several
             processes, all devices of the job, see `sparse_eqv.distributed`).
         dtype: float dtype of graphs and params.
@@ -221,14 +168,23 @@ class Trainer:
         method,
         base_params: Any,
         train_config: TrainConfig,
+        variants: Sequence[Variant] | None = None,
         *,
         n_devices: int | None = None,
         dtype=jnp.float64,
         cutoff: float | None = None,
     ):
+        if variants is None:
+            variants = [Variant(train_config.threshold_decay, train_config.seed)]
+        bases = list(base_params) if isinstance(base_params, (list, tuple)) else [base_params] * len(variants)
+        if not variants or len(bases) != len(variants):
+            raise ValueError(f"{len(variants)} variant(s) with {len(bases)} base param set(s)")
         self.module = module
         self.method = method
-        self.config = train_config
+        self.variants = tuple(variants)
+        self.configs = [dataclasses.replace(train_config, threshold_decay=v.threshold_decay, seed=v.seed)
+                        for v in self.variants]
+        self.config = self.configs[0]
         self.dtype = dtype
         self.cutoff = cutoff
         devices = distributed.devices()
@@ -238,18 +194,32 @@ class Trainer:
         self.mesh = Mesh(np.array(devices[: self.n_devices]), ("data",))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.constants = self._put(constants)
-        self.base_params = base_params
         self.compiles = {"train": 0, "eval": 0}
         self.budgets: set[GraphBudget] = set()
         self.largest_budget: GraphBudget | None = None
-        rng = jax.random.PRNGKey(train_config.seed)
-        tree = self._cast(method.init(base_params, rng))
-        self.labels = method.labels(tree)
-        self.optimizer = self.optimizer_with(train_config.threshold_decay)
-        self.initial_tree = jax.tree.map(np.asarray, tree)  # host copy: the step donates device buffers
         self.total_steps: int | None = None
-        self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
+
+        # host copies: the step donates device buffers
+        trees = [jax.tree.map(np.asarray, self._cast(method.init(base, jax.random.PRNGKey(c.seed))))
+                 for base, c in zip(bases, self.configs)]
+        self._treedef = jax.tree.structure(trees[0])
+        labels = method.labels(trees[0])
+        self._frozen = [label == "frozen" for label in jax.tree.leaves(labels)]
+        leaves = [jax.tree.leaves(tree) for tree in trees]
+        for i, frozen in enumerate(self._frozen):
+            if frozen and any(not np.array_equal(other[i], leaves[0][i]) for other in leaves[1:]):
+                raise ValueError(f"variants differ in frozen leaf {i}; only trainable leaves may differ")
+        self.own_labels = self._own(labels)
+        self.initial_shared = [x for x, frozen in zip(leaves[0], self._frozen) if frozen]
+        own = [self._own(tree) for tree in trees]
+        self.initial_own = [np.stack(xs) for xs in zip(*own)]
+        self.initial_opt = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                        *[self.optimizer_with(c.threshold_decay).init(o) for o, c in zip(own, self.configs)])
+        self.decays = np.asarray([v.threshold_decay for v in self.variants], dtype)
+        self.shared_batches = len({v.seed for v in self.variants}) == 1
+        self.batch_sharding = self.sharded if self.shared_batches else NamedSharding(self.mesh, PartitionSpec(None, "data"))
+        self.set_constants([constants] * len(self.variants))
+        self._train_step = jax.jit(self._step, static_argnames=("constants_axis", "batch_axis"), donate_argnums=(0, 1, 2))
         # Replicated outputs: every process (several hosts) can read all predictions.
         self._eval_step = jax.jit(self._evaluate_batch, out_shardings=self.replicated)
         self._effective = jax.jit(method.effective)
@@ -257,12 +227,12 @@ class Trainer:
     # -- state -------------------------------------------------------------
 
     def optimizer_with(self, threshold_decay) -> optax.GradientTransformation:
-        """The run's optimiser with this lambda_tau. The step passes it as an
-        argument, so runs that differ only in lambda_tau compile alike (and
-        share a persistent compilation cache); `variants` vmaps over it."""
+        """The optimiser of the trainable (non-frozen) leaves with this lambda_tau.
+        The step passes lambda_tau as an argument, so runs that differ only in it
+        compile alike (and share a persistent compilation cache)."""
         c = self.config
         return make_optimizer(
-            self.labels,
+            self.own_labels,
             lr=c.lr,
             threshold_decay=threshold_decay,
             score_lr=c.score_lr,
@@ -277,16 +247,76 @@ class Trainer:
     def _put(self, tree):
         return jax.device_put(tree, self.replicated)
 
-    def initial_state(self) -> TrainState:
-        tree = self._put(self.initial_tree)
-        opt_state = self._put(self.optimizer.init(tree))
-        ema = jax.tree.map(jnp.copy, tree) if self.config.ema_decay else None
-        return TrainState(tree=tree, opt_state=opt_state, ema=ema)
+    def _join(self, shared: Sequence, own: Sequence) -> Any:
+        """The method's trainable tree from its frozen and its own leaves."""
+        shared, own = iter(shared), iter(own)
+        return jax.tree.unflatten(self._treedef, [next(shared) if frozen else next(own) for frozen in self._frozen])
 
-    def restore(self, directory: Path) -> TrainState:
-        state = restore_state(directory, self.initial_state())
-        state.tree, state.opt_state, state.ema = self._put((state.tree, state.opt_state, state.ema))
+    def _own(self, tree: Any) -> list:
+        """The non-frozen leaves of a trainable tree, in tree order."""
+        return [x for x, frozen in zip(jax.tree.leaves(tree), self._frozen) if not frozen]
+
+    def initial_state(self) -> RunsState:
+        own = self._put(self.initial_own)
+        return RunsState(
+            shared=self._put(self.initial_shared),
+            own=own,
+            opt_state=self._put(self.initial_opt),
+            ema=jax.tree.map(jnp.copy, own) if self.config.ema_decay else None,
+            runs=[TrainState() for _ in self.variants],
+        )
+
+    def run_state(self, state: RunsState, k: int, host: RunsState | None = None) -> TrainState:
+        """Run k's TrainState with host arrays (tree, optimiser state, EMA): what
+        an ordinary run holds and checkpoints. Its counters are `state.runs[k]`'s.
+
+        Args:
+            host: `state.on_host()`, made once for several calls.
+        """
+        host = host or state.on_host()
+        run = state.runs[k]
+        run.tree = self._join(host.shared, [x[k] for x in host.own])
+        run.opt_state = jax.tree.map(lambda x: x[k], host.opt_state)
+        run.ema = None if host.ema is None else self._join(host.shared, [x[k] for x in host.ema])
+        return run
+
+    def save(self, directory: Path, state: RunsState) -> None:
+        """Checkpoint `state`: an ordinary run (K = 1) as its TrainState, K > 1 runs whole."""
+        if len(self.variants) == 1:
+            run = self.run_state(state, 0)
+            save_state(directory, run)
+            run.tree = run.opt_state = run.ema = None
+        else:
+            save_state(directory, state)
+
+    def restore(self, directory: Path) -> RunsState:
+        """The state `save` wrote to `directory`, placed on the devices."""
+        template = self.initial_state()
+        if len(self.variants) == 1:
+            run = restore_state(directory, self.run_state(template.on_host(), 0))
+            own = [x[None] for x in self._own(run.tree)]
+            state = RunsState(
+                shared=[x for x, frozen in zip(jax.tree.leaves(run.tree), self._frozen) if frozen],
+                own=own,
+                opt_state=jax.tree.map(lambda x: np.asarray(x)[None], run.opt_state),
+                ema=None if run.ema is None else [x[None] for x in self._own(run.ema)],
+                runs=[run],
+            )
+            run.tree = run.opt_state = run.ema = None
+        else:
+            state = restore_runs_state(directory, template)
+        state.shared, state.own, state.opt_state, state.ema = self._put((state.shared, state.own, state.opt_state, state.ema))
         return state
+
+    def set_constants(self, constants: Sequence[Any]) -> None:
+        """Per-variant model constants (e.g. after E0 fits); passed once to the step when they agree."""
+        self.variant_constants = [jax.tree.map(np.asarray, c) for c in constants]
+        first = jax.tree.leaves(self.variant_constants[0])
+        same = all(all(np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(c))) for c in self.variant_constants[1:])
+        self.constants_axis = None if same else 0
+        stacked = self.variant_constants[0] if same else jax.tree.map(lambda *xs: np.stack(xs), *self.variant_constants)
+        self.stacked_constants = self._put(stacked)
+        self._eval_constants = [self._put(c) for c in self.variant_constants]
 
     # -- batches -----------------------------------------------------------
 
@@ -309,6 +339,20 @@ class Trainer:
         """
         parts, shards = self.shard_parts(graphs, indices)
         return jax.device_put(self.pad_parts(parts, budget), self.sharded), shards
+
+    def stack_variants(self, train: Sequence[tuple], indices: Sequence[Sequence[int]],
+                       budget: GraphBudget | None = None) -> jraph.GraphsTuple:
+        """The batch of every variant: frames indices[k] of train[k]'s graphs.
+
+        One seed: the variants' batch is one and the same (leading axis: device).
+        Several: each variant's shards padded to a common budget (axes: variant, device).
+        """
+        if self.shared_batches:
+            return self.stack(train[0][0], indices[0], budget)[0]
+        parts = [part for (graphs, _), idx in zip(train, indices) for part in self.shard_parts(graphs, idx)[0]]
+        stacked = jax.tree.map(lambda x: x.reshape((len(self.variants), self.n_devices) + x.shape[1:]),
+                               self.pad_parts(parts, budget))
+        return jax.device_put(stacked, self.batch_sharding)
 
     def shard_parts(self, graphs: Sequence[jraph.GraphsTuple], indices: Sequence[int]) -> tuple[list[list[jraph.GraphsTuple]], list[list[int]]]:
         """The graphs of each device's shard of frames `indices` (filled up to
@@ -343,11 +387,11 @@ class Trainer:
         self.largest_budget = GraphBudget.fitting_any([g for graphs in graph_sets for g in graphs], self.shard_size())
         return self.largest_budget
 
-    def replay_batch(self, n_frames: int, step: int) -> list[int]:
+    def replay_batch(self, n_frames: int, step: int, seed: int | None = None) -> list[int]:
         """Indices of the replay frames of optimiser step `step`: `batch_size`
         distinct frames (all when fewer), drawn by numpy seeded with (seed,
-        REPLAY_STREAM, step), so a resumed run draws the same ones."""
-        rng = np.random.default_rng([self.config.seed, REPLAY_STREAM, step])
+        REPLAY_STREAM, step), so a resumed run draws the same ones (seed: the run's unless given)."""
+        rng = np.random.default_rng([self.config.seed if seed is None else seed, REPLAY_STREAM, step])
         return sorted(rng.choice(n_frames, size=min(self.config.batch_size, n_frames), replace=False).tolist())
 
     def epoch_batches(self, n_frames: int, epoch: int, seed: int | None = None) -> list[list[int]]:
@@ -366,30 +410,39 @@ class Trainer:
         pred = energy_forces_stress(self.module.apply, self._variables(params, constants), graph, self.cutoff)
         return loss_sums(pred, graph, self.config.weights), pred
 
-    def _batch_loss(self, tree, constants, batch):
-        params = self.method.effective(tree)
+    def _batch_loss(self, params, constants, batch):
         sums, _ = jax.vmap(lambda g: self._shard_sums(params, constants, g))(batch)
         sums = jax.tree.map(lambda x: x.sum(0), sums)
         return total_loss(sums, self.config.weights)
 
-    def _replayed_loss(self, tree, constants, batch, replay):
+    def _loss(self, own, shared, constants, batch, replay):
         """The batch's loss plus, with a replay batch, replay_weight times its loss."""
-        loss = self._batch_loss(tree, constants, batch)
+        params = self.method.effective(self._join(shared, own))
+        loss = self._batch_loss(params, constants, batch)
         if replay is not None:
-            loss = loss + self.config.replay_weight * self._batch_loss(tree, constants, replay)
+            loss = loss + self.config.replay_weight * self._batch_loss(params, constants, replay)
         return loss
 
-    def _step(self, tree, opt_state, ema, constants, batch, lr_scale, threshold_decay, replay=None):
-        self.compiles["train"] += 1  # runs once per trace, i.e. per compilation
-        loss, grads = jax.value_and_grad(self._replayed_loss)(tree, constants, batch, replay)
-        updates, opt_state = self.optimizer_with(threshold_decay).update(grads, opt_state, tree)
-        tree = optax.apply_updates(tree, scale_updates(updates, lr_scale))
+    def _run_step(self, own, opt_state, ema, constants, batch, replay, lr_scale, decay, active, *, shared):
+        """One run's optimiser step (lambda_tau `decay`); gradients of its own leaves
+        only. A run that is not `active` keeps its arrays."""
+        loss, grads = jax.value_and_grad(self._loss)(own, shared, constants, batch, replay)
+        updates, new_opt_state = self.optimizer_with(decay).update(grads, opt_state, own)
+        new_own = optax.apply_updates(own, scale_updates(updates, lr_scale))
+        new_ema = None
         if ema is not None:
-            decay = self.config.ema_decay
-            ema = jax.tree.map(
-                lambda label, e, t: t if label == "frozen" else decay * e + (1.0 - decay) * t, self.labels, ema, tree
-            )
-        return tree, opt_state, ema, loss
+            d = self.config.ema_decay
+            new_ema = jax.tree.map(lambda e, t: d * e + (1.0 - d) * t, ema, new_own)
+        new = (new_own, new_opt_state, new_ema)
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, (own, opt_state, ema)), loss
+
+    def _step(self, own, opt_state, ema, shared, constants, batch, replay, lr_scale, decay, active, *,
+              constants_axis, batch_axis):
+        self.compiles["train"] += 1  # runs once per trace, i.e. per compilation
+        step = functools.partial(self._run_step, shared=shared)
+        return jax.vmap(step, in_axes=(0, 0, 0, constants_axis, batch_axis, batch_axis, 0, 0, 0))(
+            own, opt_state, ema, constants, batch, replay, lr_scale, decay, active
+        )
 
     def _evaluate_batch(self, params, constants, batch):
         self.compiles["eval"] += 1
@@ -398,25 +451,30 @@ class Trainer:
 
     # -- public ------------------------------------------------------------
 
-    def effective_params(self, state: TrainState) -> Any:
-        """The params the model runs with (from the EMA when enabled)."""
-        return self._effective(state.ema if state.ema is not None else state.tree)
+    def effective_params(self, run: TrainState) -> Any:
+        """The params a run's model runs with (from its EMA when enabled); `run` from `run_state`."""
+        return self._effective(run.ema if run.ema is not None else run.tree)
 
-    def train_step(self, state: TrainState, batch: jraph.GraphsTuple, replay: jraph.GraphsTuple | None = None) -> float:
-        """One optimiser step in place on `state`; returns the batch loss (plus
-        the weighted loss of the `replay` batch, when given)."""
-        lr_scale = jnp.asarray(self.lr_scale(state), self.dtype)
-        threshold_decay = jnp.asarray(self.config.threshold_decay, self.dtype)
+    def train_step(self, state: RunsState, batch: jraph.GraphsTuple, replay: jraph.GraphsTuple | None = None,
+                   active: Sequence[bool] | None = None) -> np.ndarray:
+        """One optimiser step of every active run (default: all), in place on
+        `state`; returns the K batch losses (plus the weighted loss of the
+        `replay` batch, when given)."""
+        active = [True] * len(self.variants) if active is None else list(active)
+        lr_scale = np.asarray([self.lr_scale(run) for run in state.runs], self.dtype)
         try:
-            state.tree, state.opt_state, state.ema, loss = self._train_step(
-                state.tree, state.opt_state, state.ema, self.constants, batch, lr_scale, threshold_decay, replay
+            (state.own, state.opt_state, state.ema), loss = self._train_step(
+                state.own, state.opt_state, state.ema, state.shared, self.stacked_constants, batch, replay, lr_scale,
+                self.decays, np.asarray(active), constants_axis=self.constants_axis,
+                batch_axis=None if self.shared_batches else 0,
             )
-            loss = float(loss)
+            loss = np.asarray(loss)
         except jax.errors.JaxRuntimeError as error:
             if out_of_memory(error):
                 raise self._memory_error("a training step", batch) from error
             raise
-        state.step += 1
+        for run, on in zip(state.runs, active):
+            run.step += int(on)
         return loss
 
     def _memory_error(self, what: str, batch: jraph.GraphsTuple) -> SparseEqvError:
@@ -427,19 +485,16 @@ class Trainer:
             f"to {n_node} atoms and {n_edge} edges): lower --batch-size (now {self.config.batch_size})"
         )
 
-    def lr_scale(self, state: TrainState) -> float:
+    def lr_scale(self, run: TrainState) -> float:
         """Factor on the peak lr: cosine over the run's steps, or the plateau factor."""
         if self.config.schedule == "cosine":
-            total = self.total_steps or 1
-            return 0.5 * (1.0 + math.cos(math.pi * min(state.step, total) / max(total, 1)))
-        return state.lr_scale
+            return float(optax.cosine_decay_schedule(1.0, max(self.total_steps or 1, 1))(run.step))
+        return run.lr_scale
 
-    def set_constants(self, constants: Any) -> None:
-        """Replace the model constants (e.g. after an E0 fit)."""
-        self.constants = self._put(constants)
-
-    def predict(self, params: Any, graphs: Sequence[jraph.GraphsTuple], frames: Sequence[Frame]) -> tuple[list[dict], float]:
-        """Per-frame predictions (energy, forces, stress) and the weighted loss."""
+    def predict(self, params: Any, graphs: Sequence[jraph.GraphsTuple], frames: Sequence[Frame],
+                k: int = 0) -> tuple[list[dict], float]:
+        """Per-frame predictions (energy, forces, stress) with variant k's
+        constants, and the weighted loss."""
         params = self._put(params)
         out: list[dict | None] = [None] * len(frames)
         total = None
@@ -447,14 +502,14 @@ class Trainer:
             indices = list(range(start, min(start + self.config.batch_size, len(frames))))
             batch, shards = self.stack(graphs, indices)
             try:
-                sums, pred = self._eval_step(params, self.constants, batch)
+                sums, pred = self._eval_step(params, self._eval_constants[k], batch)
                 pred = jax.tree.map(np.asarray, pred)
-                sums = {k: float(v) for k, v in sums.items()}
+                sums = {key: float(v) for key, v in sums.items()}
             except jax.errors.JaxRuntimeError as error:
                 if out_of_memory(error):
                     raise self._memory_error("an evaluation batch", batch) from error
                 raise
-            total = sums if total is None else {k: total[k] + sums[k] for k in total}
+            total = sums if total is None else {key: total[key] + sums[key] for key in total}
             for d, shard in enumerate(shards):
                 offset = 0
                 for g, i in enumerate(shard):
@@ -467,129 +522,146 @@ class Trainer:
                     if "magmoms" in pred:  # a model with a magnetic-moment head
                         out[i]["magmoms"] = pred["magmoms"][d, offset : offset + n]
                     offset += n
-        loss = float(total_loss({k: jnp.asarray(v) for k, v in total.items()}, self.config.weights))
+        loss = float(total_loss({key: jnp.asarray(v) for key, v in total.items()}, self.config.weights))
         return out, loss
 
-    def evaluate(self, params: Any, graphs, frames) -> dict[str, Any]:
-        """error_metrics plus the weighted loss."""
-        predictions, loss = self.predict(params, graphs, frames)
+    def evaluate(self, params: Any, graphs, frames, k: int = 0) -> dict[str, Any]:
+        """error_metrics plus the weighted loss (variant k's constants)."""
+        predictions, loss = self.predict(params, graphs, frames, k)
         return {**error_metrics(frames, predictions), "loss": loss}
 
     def fit(
         self,
-        state: TrainState,
-        train: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]],
-        valid: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]],
+        state: RunsState,
+        train: Sequence[tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]]],
+        valid: Sequence[tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]]],
         *,
-        save: Callable[[TrainState, str], None] | None = None,
-        on_best: Callable[[TrainState, Any, dict], None] | None = None,
-        on_epoch: Callable[[TrainState], None] | None = None,
+        save: Callable[[RunsState, str], None] | None = None,
+        on_best: Callable[[int, TrainState, Any, dict], None] | None = None,
+        on_epoch: Callable[[int, TrainState], None] | None = None,
         progress: bool = True,
         replay: tuple[Sequence[jraph.GraphsTuple], Sequence[Frame]] | None = None,
-    ) -> TrainState:
-        """Train from `state` to the last epoch (or early stop).
+        names: Sequence[str] | None = None,
+    ) -> RunsState:
+        """Train every run from `state` to the last epoch (or its early stop).
 
         Args:
-            train, valid: (graphs, frames).
+            train, valid: per run, (graphs, frames); training sets of one size.
             replay: (graphs, frames) of labelled replay frames: every step adds
-                `replay_weight` times the loss of a `replay_batch` of them.
-            save: called as save(state, "last") every `checkpoint_every` steps
-                and after every epoch, and save(state, "best") on a new best.
-            on_best: called with (state, effective params, valid metrics) on a new best.
-            on_epoch: called after each epoch's row is appended to `state.history`.
+                `replay_weight` times the loss of a `replay_batch` of them
+                (drawn by each run's seed).
+            save: save(state, "last") every `checkpoint_every` steps and after every epoch.
+            on_best: on_best(k, run, effective params, valid metrics) on a new
+                best of run k; `run` is its TrainState with host arrays.
+            on_epoch: on_epoch(k, run) after run k's row is appended to `run.history`.
             progress: show a tqdm bar per epoch.
+            names: the runs' names in error messages (K > 1).
         """
-        from tqdm import tqdm
-
-        train_graphs, train_frames = train
+        n_train = len(train[0][1])
+        if any(len(frames) != n_train for _, frames in train):
+            raise ValueError("variants' training sets differ in size")
+        n_batches = -(-n_train // self.config.batch_size)
+        self.total_steps = n_batches * self.config.epochs
         # Replay batches are random mixes of the replay frames: padded to one budget that fits any of them,
         # the step compiles once per training budget, not once per mix.
         replay_budget = None if replay is None else GraphBudget.fitting_any(replay[0], self.shard_size())
-        n_batches = -(-len(train_frames) // self.config.batch_size)
-        self.total_steps = n_batches * self.config.epochs
-        while state.epoch < self.config.epochs and not state.stopped:
+        limit = self.config.time_limit_s
+        while True:
+            active = [run.epoch < self.config.epochs and not run.stopped for run in state.runs]
+            if not any(active):
+                return state
+            lead = state.runs[active.index(True)]  # every active run is at the same loader position
+            orders = [self.epoch_batches(n_train, lead.epoch, seed=v.seed) for v in self.variants]
             started = time.perf_counter()
-            batches = self.epoch_batches(len(train_frames), state.epoch)
-            limit = self.config.time_limit_s
-            desc = f"epoch {state.epoch + 1}/{self.config.epochs}"
+            desc = f"epoch {lead.epoch + 1}/{self.config.epochs}"
             if limit is not None:
-                desc = f"epoch {state.epoch + 1}, {max(limit - state.wall, 0.0):.0f} s left"
-            bar = tqdm(total=len(batches), initial=state.batch, desc=desc, unit="batch", disable=not progress,
-                       leave=False)
-            while state.batch < len(batches):
-                if limit is not None and state.wall >= limit:
-                    state.stopped = True
+                desc = f"epoch {lead.epoch + 1}, {max(limit - lead.wall, 0.0):.0f} s left"
+            bar = tqdm(total=n_batches, initial=lead.batch, desc=desc, unit="batch", disable=not progress, leave=False)
+            while lead.batch < n_batches:
+                if limit is not None and lead.wall >= limit:
                     break
-                batch, _ = self.stack(train_graphs, batches[state.batch])
+                batch = self.stack_variants(train, [order[lead.batch] for order in orders])
                 replay_batch = None
                 if replay is not None:
-                    replay_batch, _ = self.stack(replay[0], self.replay_batch(len(replay[1]), state.step), replay_budget)
-                loss = self.train_step(state, batch, replay_batch)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"training loss became {loss} at step {state.step} (lower --lr?)")
-                state.epoch_loss += loss
-                state.epoch_batches += 1
-                state.batch += 1
-                state.wall += time.perf_counter() - started
+                    replay_batch = self.stack_variants(
+                        [replay] * len(self.variants),
+                        [self.replay_batch(len(replay[1]), lead.step, v.seed) for v in self.variants], replay_budget)
+                losses = self.train_step(state, batch, replay_batch, active)
+                elapsed = time.perf_counter() - started
                 started = time.perf_counter()
+                for k, run in enumerate(state.runs):
+                    if not active[k]:
+                        continue
+                    if not math.isfinite(losses[k]):
+                        who = f"{names[k]}: " if names is not None and len(names) > 1 else ""
+                        raise FloatingPointError(f"{who}training loss became {losses[k]} at step {run.step} (lower --lr?)")
+                    run.epoch_loss += float(losses[k])
+                    run.epoch_batches += 1
+                    run.batch += 1
+                    run.wall += elapsed
                 bar.update(1)
-                bar.set_postfix(loss=f"{state.epoch_loss / state.epoch_batches:.4g}")
-                if save is not None and state.step % self.config.checkpoint_every == 0 and state.batch < len(batches):
+                bar.set_postfix(loss=" ".join(f"{run.epoch_loss / max(run.epoch_batches, 1):.4g}" for run in state.runs))
+                if save is not None and lead.step % self.config.checkpoint_every == 0 and lead.batch < n_batches:
                     save(state, "last")
             bar.close()
-            params = self.effective_params(state)
-            metrics = self.evaluate(params, *valid)
-            state.wall += time.perf_counter() - started
-            self._end_epoch(state, metrics, params, save, on_best)
-            if limit is not None and state.wall >= limit:
-                state.stopped = True
-            if on_epoch is not None:
-                on_epoch(state)
+            evaluated = {}
+            host = state.on_host()
+            for k in (k for k, on in enumerate(active) if on):
+                run = self.run_state(state, k, host)
+                params = self.effective_params(run)
+                evaluated[k] = (params, self.evaluate(params, *valid[k], k=k))
+            elapsed = time.perf_counter() - started
+            for k, (params, metrics) in evaluated.items():
+                run = state.runs[k]
+                run.wall += elapsed
+                if self.end_epoch(run, metrics) and on_best is not None:
+                    on_best(k, run, params, metrics)
+                if limit is not None and run.wall >= limit:
+                    run.stopped = True
+                if on_epoch is not None:
+                    on_epoch(k, run)
+                run.tree = run.opt_state = run.ema = None
             if save is not None:
                 save(state, "last")
-        return state
 
-    def _end_epoch(self, state: TrainState, metrics: dict, params, save, on_best) -> None:
+    def end_epoch(self, run: TrainState, metrics: dict) -> bool:
+        """Book an epoch's validation `metrics` into `run` (best, plateau and
+        early-stopping counters, a log row; `run` holds its host arrays when
+        the row reports STR sparsity); returns whether the epoch is a new best."""
         loss = metrics["loss"]
-        improved = loss < state.best_loss
+        improved = loss < run.best_loss
         if improved:
-            state.best_loss, state.best_epoch = loss, state.epoch
-        if loss < state.plateau_best * (1 - 1e-4):
-            state.plateau_best, state.bad_epochs = loss, 0
+            run.best_loss, run.best_epoch = loss, run.epoch
+        if loss < run.plateau_best * (1 - 1e-4):
+            run.plateau_best, run.bad_epochs = loss, 0
         else:
-            state.bad_epochs += 1
-            if self.config.schedule == "plateau" and state.bad_epochs > self.config.plateau_patience:
-                state.lr_scale *= self.config.plateau_factor
-                state.bad_epochs = 0
+            run.bad_epochs += 1
+            if self.config.schedule == "plateau" and run.bad_epochs > self.config.plateau_patience:
+                run.lr_scale *= self.config.plateau_factor
+                run.bad_epochs = 0
         row = {
-            "epoch": state.epoch + 1,
-            "step": state.step,
-            "lr": self.config.lr * self.lr_scale(state),
-            "train_loss": state.epoch_loss / max(state.epoch_batches, 1),
+            "epoch": run.epoch + 1,
+            "step": run.step,
+            "lr": self.config.lr * self.lr_scale(run),
+            "train_loss": run.epoch_loss / max(run.epoch_batches, 1),
             "valid_loss": loss,
-            **{f"valid_{k}": v for k, v in metrics.items() if k not in ("loss", "n_frames")},
-            "wall_s": state.wall,
-            "epoch_s": state.wall - (state.history[-1]["wall_s"] if state.history else 0.0),
+            **{f"valid_{key}": v for key, v in metrics.items() if key not in ("loss", "n_frames")},
+            "wall_s": run.wall,
+            "epoch_s": run.wall - (run.history[-1]["wall_s"] if run.history else 0.0),
             "compiles": sum(self.compiles.values()),
         }
-        if hasattr(self.method, "thresholded_delta"):
-            from sparse_eqv.sparsity import layer_sparsity
-
-            tree = state.ema or state.tree
+        if hasattr(self.method, "thresholded_delta") and run.tree is not None:
+            tree = run.ema if run.ema is not None else run.tree
             row["layer_sparsity"] = layer_sparsity(
-                {k: np.asarray(v) for k, v in self.method.thresholded_delta(tree).items()}
+                {key: np.asarray(v) for key, v in self.method.thresholded_delta(tree).items()}
             )
             thresholds = list(self.method.thresholds(tree).values())
             row["threshold_min"], row["threshold_median"], row["threshold_max"] = (
                 float(np.min(thresholds)), float(np.median(thresholds)), float(np.max(thresholds)))
-        state.history.append(row)
-        state.epoch += 1
-        state.batch = 0
-        state.epoch_loss, state.epoch_batches = 0.0, 0
-        if self.config.patience is not None and state.epoch - 1 - state.best_epoch >= self.config.patience:
-            state.stopped = True
-        if improved:
-            if on_best is not None:
-                on_best(state, params, metrics)
-            if save is not None:
-                save(state, "best")
+        run.history.append(row)
+        run.epoch += 1
+        run.batch = 0
+        run.epoch_loss, run.epoch_batches = 0.0, 0
+        if self.config.patience is not None and run.epoch - 1 - run.best_epoch >= self.config.patience:
+            run.stopped = True
+        return improved

@@ -5,7 +5,7 @@
 A pure function of the config a converter writes, derived with the same
 structure functions the Flax modules build themselves from (instruction
 order, irreps sorting and simplification included), so a description
-matches the params tree leaf for leaf (`tests/test_report.py` checks it
+matches the params tree leaf for leaf (`tests/e2e/test_report.py` checks it
 against `jax.eval_shape` of the module and against sevenn's torch modules).
 
 Labels, per entry of a leaf:

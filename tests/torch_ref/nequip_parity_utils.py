@@ -90,3 +90,22 @@ def deviations(frames: list[Frame], ours: list[dict], reference: list[dict]) -> 
         default=0.0,
     )
     return {"energy_per_atom": de, "forces": df, "stress": ds}
+
+
+ELEMENTS = ["Cu", "Li", "Ge", "P", "S", "C", "H", "O"]
+ZBL = {"_target_": "nequip.nn.pair_potential.ZBL", "units": "metal", "chemical_species": ELEMENTS}
+
+
+def small_config(dtype: str = "float64") -> dict:
+    """3 layers, l_max 2 with parity, per-type avg_num_neighbors, ZBL, a hidden readout layer."""
+    return {
+        "_target_": "nequip.model.NequIPGNNModel",
+        "seed": 1, "model_dtype": dtype, "type_names": ELEMENTS, "r_max": 4.5,
+        "num_layers": 3, "l_max": 2, "parity": True, "num_features": [8, 4, 2],
+        "radial_mlp_depth": 2, "radial_mlp_width": 16, "polynomial_cutoff_p": 5,
+        "avg_num_neighbors": {e: 10.0 + 3 * i for i, e in enumerate(ELEMENTS)},
+        "per_type_energy_scales": {e: 1.0 for e in ELEMENTS},
+        "per_type_energy_shifts": {e: 0.0 for e in ELEMENTS},
+        "readout_mlp_hidden_layers_depth": 1, "readout_mlp_hidden_layers_width": 6,
+        "pair_potential": ZBL,
+    }

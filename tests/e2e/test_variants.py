@@ -1,4 +1,4 @@
-"""Several STR variants in one jitted run (`sparse_eqv.finetune.variants`) on the tiny
+"""Several STR variants in one jitted run (`sparse_eqv.finetune.loop.Trainer`, K > 1) on the tiny
 SevenNet-architecture model and real SSE-PBE frames: a vmapped run over lambda_tau
 (shared batches), killed mid-epoch and resumed, and one over seeds (own split, order,
 E0 fit) equal the separate `finetune` runs to 1e-10; the vmapped step equals single
@@ -24,12 +24,14 @@ from sparse_eqv.checkpoint import load_model, pytree_checkpointer, save_model
 from sparse_eqv.cli import main
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import SparseEqvError
-from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs, restore_state
-from sparse_eqv.finetune.run import MethodOptions, make_method
+from sparse_eqv.finetune.loop import Trainer, TrainConfig, Variant, make_graphs
+from sparse_eqv.finetune.state import TrainState, restore_state
+from sparse_eqv.finetune.run import MethodOptions, make_method, make_variants, parse_values, variant_names
 from sparse_eqv.finetune.str import STR
-from sparse_eqv.finetune.variants import Variant, VariantTrainer, make_variants, parse_values, variant_names
 from sparse_eqv.models import build_model
-from test_finetune import TINY_CONFIG, kill_at_marker, subprocess_env, write_extxyz
+from sparse_eqv.testing import kill_at_marker, subprocess_env, tiny_sevenn_config, write_extxyz
+
+TINY_CONFIG = tiny_sevenn_config()
 
 DECAYS, SEED, OTHER_SEED = ("0.01", "0.05", "0.3"), 3, 5
 RTOL = 1e-10
@@ -68,9 +70,9 @@ DRIVER = """
 import json, sys, time
 from sparse_eqv.cli import _enable_x64, main
 _enable_x64()
-from sparse_eqv.finetune import variants
+from sparse_eqv.finetune import loop
 
-original = variants.save_state
+original = loop.save_state
 
 def save_then_wait(directory, state):
     original(directory, state)
@@ -78,7 +80,7 @@ def save_then_wait(directory, state):
         open(sys.argv[2], "w").write("3")
         time.sleep(900)  # the test kills us here, mid-epoch, after a checkpoint
 
-variants.save_state = save_then_wait
+loop.save_state = save_then_wait
 for args in json.loads(sys.argv[1]):
     print("exit", main(args), flush=True)
 """
@@ -144,11 +146,12 @@ def compare_numbers(a, b, what: str) -> None:
         assert a == b, what
 
 
-def template_trainer(workdir: Path) -> Trainer:
-    """A Trainer of the runs' method and model: the structure their checkpoints restore into."""
+def template_state(workdir: Path) -> TrainState:
+    """An ordinary run's state of the runs' method and model: the structure their checkpoints restore into."""
     config, variables = load_model(workdir / "model")
     method = make_method(MethodOptions(method="str"), variables["params"], config)
-    return Trainer(build_model(config), variables["constants"], method, variables["params"], TrainConfig(ema_decay=0.5))
+    trainer = Trainer(build_model(config), variables["constants"], method, variables["params"], TrainConfig(ema_decay=0.5))
+    return trainer.run_state(trainer.initial_state(), 0)
 
 
 def compare_states(a, b, what: str) -> None:
@@ -167,7 +170,7 @@ def compare_variant(workdir: Path, variant: Path, separate: Path) -> None:
     assert compare_tree(load_model(separate / "model")[1], load_model(variant / "model")[1], "model") > 300
     delta_a, delta_b = (pytree_checkpointer().restore((d / "delta" / "delta").absolute()) for d in (separate, variant))
     compare_tree(delta_a, delta_b, "delta")
-    template = template_trainer(workdir).initial_state()
+    template = template_state(workdir)
     compare_states(restore_state(separate / "checkpoints" / "best", template),
                    restore_state(variant / "checkpoints" / "best", template), "best state")
     for name in ("metrics.json", "sparsity.json", "run.json"):
@@ -189,16 +192,16 @@ def final_states(workdir: Path, run: Path, variants: list[Variant]) -> list:
     """Each variant's TrainState from the shared checkpoints/last."""
     config, variables = load_model(workdir / "model")
     method = make_method(MethodOptions(method="str"), variables["params"], config)
-    trainer = VariantTrainer(build_model(config), variables["constants"], method, [variables["params"]] * len(variants),
-                             TrainConfig(ema_decay=0.5), variants)
-    state = trainer.restore_variants(run / "checkpoints" / "last")
-    return [trainer.variant_state(state, k) for k in range(len(variants))]
+    trainer = Trainer(build_model(config), variables["constants"], method, variables["params"], TrainConfig(ema_decay=0.5),
+                      variants)
+    state = trainer.restore(run / "checkpoints" / "last")
+    return [trainer.run_state(state, k) for k in range(len(variants))]
 
 
 def check_variant_run(workdir: Path, run: Path, variants: list[Variant], separates: list[Path]) -> list:
     names = variant_names(variants)
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == sorted(names + ["checkpoints"])
-    template = template_trainer(workdir).initial_state()
+    template = template_state(workdir)
     finals = final_states(workdir, run, variants)
     for name, final, separate in zip(names, finals, separates):
         compare_variant(workdir, run / name, separate)
@@ -253,8 +256,7 @@ class PairToy(nn.Module):
 
 def test_variant_step_equals_single_steps_and_holds_inactive(real_frames_dir):
     """Three steps of K=2 variants (lambda_tau 0.01, 3), the second with variant 0
-    inactive, against plain Trainer steps: 2 and 3 steps with each variant's decay
-    (one compilation of the plain step serves both decays)."""
+    inactive, against ordinary (K = 1) runs: 2 and 3 steps with each variant's decay."""
     frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")[:4]
     graphs = make_graphs(frames, TINY_CONFIG["atomic_numbers"], TINY_CONFIG["r_max"])
     module = PairToy()
@@ -263,23 +265,22 @@ def test_variant_step_equals_single_steps_and_holds_inactive(real_frames_dir):
     method = STR(targets=(("a",), ("b",)), per_path=True)
     config = TrainConfig(batch_size=4, lr=0.05, ema_decay=0.5)
     decays = [0.01, 3.0]
-    trainer = VariantTrainer(module, {}, method, [params] * 2, config, make_variants(decays, [0]))
-    state = trainer.initial_variant_state()
+    trainer = Trainer(module, {}, method, params, config, make_variants(decays, [0]))
+    state = trainer.initial_state()
     batch = trainer.stack_variants([(graphs, frames)], [[0, 1, 2, 3]])
     for active in ([True, True], [False, True], [True, True]):
-        trainer.train_variants(state, batch, active)
+        trainer.train_step(state, batch, active=active)
     assert [run.step for run in state.runs] == [2, 3]
-    single = Trainer(module, {}, method, params, config)
     for k, (decay, steps) in enumerate(zip(decays, (2, 3))):
-        single.config = dataclasses.replace(config, threshold_decay=decay)  # a step argument: no recompilation
-        expected = single.initial_state()
+        single = Trainer(module, {}, method, params, dataclasses.replace(config, threshold_decay=decay))
+        single_state = single.initial_state()
         for _ in range(steps):
-            single.train_step(expected, single.stack(graphs, [0, 1, 2, 3])[0])
-        got = trainer.variant_state(state, k)
+            single.train_step(single_state, single.stack(graphs, [0, 1, 2, 3])[0])
+        expected, got = single.run_state(single_state, 0), trainer.run_state(state, k)
         for name in ("tree", "ema", "opt_state"):
             for x, y in zip(jax.tree.leaves(getattr(expected, name)), jax.tree.leaves(getattr(got, name))):
                 np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-12, atol=1e-15)
-    assert single.compiles["train"] == 1
+        assert single.compiles["train"] == 1
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from sparse_eqv.potential import energy_forces_stress
 from weights_convert.mace import convert
 from weights_convert.torch_pickle import load_checkpoint, module_state_dict
 
-REFERENCE_SCRIPT = Path(__file__).parent / "torch_ref" / "mace_reference.py"
+REFERENCE_SCRIPT = Path(__file__).parents[1] / "torch_ref" / "mace_reference.py"
 
 # (file under tests/data, frame indices into it): a padded batch of several frames each.
 # The comments give the frames' indices in the full files (tests/data/README.md).

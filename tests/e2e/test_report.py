@@ -11,14 +11,11 @@ sparsity.json, and compiling a train step would add a minute on shared CPUs.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import ase.data
-import ase.io
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,25 +30,12 @@ from sparse_eqv.finetune.targets import describe, leaf_path
 from sparse_eqv.models import build_model
 from sparse_eqv.models.paths import Split, describe_leaves
 from sparse_eqv.report import report_tables, write_report
+from sparse_eqv.testing import tiny_sevenn_checkpoint_config, tiny_sevenn_config, write_extxyz, write_sevenn_checkpoint
 from weights_convert.delta_patch import read_patch
 
 SPECIES = ["Li", "P", "S", "Ge"]  # the SSE-PBE elements
 
-# A 4-channel SevenNet: layer 0 with a linear self-connection, layers 1 and 2
-# with sevenn's "nequip" self-connection (a tensor product with the one-hot
-# element attributes); parity on, so convolution paths reach 0e, 1o and 1e.
-TINY_SEVENN = {
-    "_model_type": "E3_equivariant_model", "chemical_species": SPECIES, "_number_of_species": len(SPECIES),
-    "_type_map": {ase.data.atomic_numbers[s]: i for i, s in enumerate(SPECIES)},
-    "irreps_manual": False, "channel": 4, "lmax": 1, "is_parity": True, "num_convolution_layer": 3,
-    "weight_nn_hidden_neurons": [8], "self_connection_type": ["linear", "nequip", "nequip"], "cutoff": 4.0,
-    "radial_basis": {"radial_basis_name": "bessel", "bessel_basis_num": 4},
-    "cutoff_function": {"cutoff_function_name": "poly_cut", "poly_cut_p_value": 6},
-    "act_gate": {"e": "silu", "o": "tanh"}, "act_scalar": {"e": "silu", "o": "tanh"}, "act_radial": "silu",
-    "shift": [-2.0, -5.0, -4.0, -4.5], "scale": [1.0] * 4, "conv_denominator": [10.0, 12.0, 11.0],
-    "train_shift_scale": False, "train_denominator": False, "use_bias_in_linear": False, "readout_as_fcn": False,
-    "_normalize_sph": True, "interaction_type": "nequip", "dtype": "single",
-}
+TINY_SEVENN = tiny_sevenn_checkpoint_config()
 
 # A MACE with a density first block (non-residual skip_tp, density_fn), a
 # residual second block, correlation 2 then 3 and a non-linear last readout.
@@ -68,25 +52,6 @@ TINY_MACE = {
         [[[[[0]], [[0]]], [[[0, 0]], [[1, 1]], [[2, 2]]], [[[0, 0, 0]], [[0, 1, 1]], [[1, 1, 2]], [[0, 2, 2]], [[2, 2, 2]]]]],
     ], "dtype": "float64",
 }
-
-
-def write_sevenn_checkpoint(path: Path, model_config: dict, seed: int = 0) -> Path:
-    """A checkpoint as sevenn writes it ({"model_state_dict", "config"}) with random weights."""
-    import sevenn
-    import torch
-    from sevenn.checkpoint import _config_cp_routine
-    from sevenn.model_build import build_E3_equivariant_model
-
-    config = {**model_config, "version": sevenn.__version__}
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)  # sevenn builds in float32 (nequip may have left float64 set)
-    try:
-        torch.manual_seed(seed)
-        model = build_E3_equivariant_model(_config_cp_routine(copy.deepcopy(config)))
-    finally:
-        torch.set_default_dtype(previous)
-    torch.save({"model_state_dict": model.state_dict(), "config": config}, path)
-    return path
 
 
 def abstract_variables(config: dict):
@@ -280,9 +245,8 @@ def test_sevennet0_segments_match_the_model_and_sevenn():
 
 def test_nequip_and_mace_layouts():
     """NequIP-style options (embedding node attributes, unsorted instructions, MLP readout) and MACE."""
-    from test_finetune import TINY_CONFIG
 
-    nequip = copy.deepcopy(TINY_CONFIG)
+    nequip = tiny_sevenn_config()
     nequip.update(model="nequip", embedding={"features": 4, "scale": 1.0, "node_attrs": "embedding"},
                   readout={"dims": [4, 3, 1], "kind": "nequip", "act": "silu"})
     for layer in nequip["layers"]:
@@ -352,7 +316,6 @@ def test_full_run_reports_changed_entries_and_scratch_is_refused(sevenn_model, t
 @pytest.mark.slow
 def test_finetuned_run_report_through_the_cli(sevenn_model, real_frames_dir, tmp_path):
     """finetune (STR, one epoch on SSE-PBE frames) -> report -> export --delta-only, through the CLI."""
-    from test_finetune import write_extxyz
 
     from sparse_eqv.data.readers import read_frames
 

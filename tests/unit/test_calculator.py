@@ -21,10 +21,10 @@ from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import batch_graphs, frame_to_graph
 from sparse_eqv.inference import Predictor
 from sparse_eqv.models import build_model
-from test_finetune import TINY_CONFIG
+from sparse_eqv.testing import tiny_sevenn_config
 
 # r_max 4.0 Å: the Li-Li and S-S shells of Li2S at a / sqrt(2) = 4.04 Å sit just outside.
-CONFIG = {**TINY_CONFIG, "r_max": 4.0}
+CONFIG = {**tiny_sevenn_config(), "r_max": 4.0}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ fine-tuning, export, reload with sevenn's calculator, report, summary."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,8 @@ from sparse_eqv.data.readers import read_frames
 from sparse_eqv.demo.emt_data import emt_frames
 from sparse_eqv.demo.run import run_demo, split_data, write_frames
 from sparse_eqv.data.frames import Frame
+from sparse_eqv.testing import tiny_cuni_checkpoint_config, write_sevenn_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_errors import TINY_CUNI  # noqa: E402
-from test_report import write_sevenn_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +26,7 @@ def demo(tmp_path_factory):
     from contextlib import redirect_stdout
 
     root = tmp_path_factory.mktemp("demo")
-    checkpoint = write_sevenn_checkpoint(root / "tiny.pth", TINY_CUNI, seed=5)
+    checkpoint = write_sevenn_checkpoint(root / "tiny.pth", tiny_cuni_checkpoint_config(), seed=5)
     printed = io.StringIO()
     with redirect_stdout(printed):
         summary = run_demo(root / "out", model=checkpoint, minutes=10.0, epochs=8, n_frames=40, lr=1e-2,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from weights_convert.convert import convert
 from weights_convert.delta_patch import HEADER, PatchError, apply_to_state_dict, read_patch
 from weights_convert.export import apply_delta, export_run
 
-sys.path.insert(0, str(Path(__file__).parent))
-from torch_ref.sevenn_reference import predict as sevenn_predict  # noqa: E402
+from torch_ref.sevenn_reference import predict as sevenn_predict
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +205,8 @@ def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, 
 def test_nequip_export_loads_in_nequip(tmp_path, real_frames_dir):
     """A random-weight nequip checkpoint with EMA weights: every weight leaf
     changed, exported to a .ckpt, evaluated by nequip's own calculator."""
-    from test_nequip_parity import small_config
     from torch_ref import nequip_reference
-    from torch_ref.nequip_parity_utils import real_frames
+    from torch_ref.nequip_parity_utils import real_frames, small_config
 
     base_file = nequip_reference.write_checkpoint(tmp_path / "base.ckpt", small_config(), ema=True)
     config, variables = convert(base_file)
@@ -240,8 +237,8 @@ def test_str_run_exports_through_the_cli(tmp_path, real_frames_dir):
     """convert -> finetune --method str (a few steps) -> export / export --delta-only
     -> apply-delta, all through the CLI; nequip evaluates the exported file."""
     from sparse_eqv.cli import main
-    from test_nequip_parity import small_config
     from torch_ref import nequip_reference
+    from torch_ref.nequip_parity_utils import small_config
 
     base_file = nequip_reference.write_checkpoint(tmp_path / "base.ckpt", small_config(), ema=True)
     import ase.io

@@ -6,13 +6,9 @@ resume, baselines, bad input."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import ase.io
 import jax
@@ -26,11 +22,12 @@ from sparse_eqv.cli import main
 from sparse_eqv.data.graph import batch_graphs, frame_to_graph
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.finetune.dense import Full
-from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs, restore_state
+from sparse_eqv.finetune.loop import Trainer, TrainConfig, make_graphs
+from sparse_eqv.finetune.state import TrainState, restore_state
 from sparse_eqv.finetune.run import MethodOptions, fresh_params, make_method
 from sparse_eqv.models import build_model
 from sparse_eqv.potential import energy_forces_stress
-from sparse_eqv.testing import tiny_sevenn_config, write_extxyz
+from sparse_eqv.testing import kill_at_marker, subprocess_env, tiny_sevenn_config, write_extxyz
 
 TINY_CONFIG = tiny_sevenn_config()  # SevenNet architecture, l <= 1, 4 channels, two layers
 EPOCHS, BATCH = 2, 4
@@ -62,29 +59,6 @@ def finetune_args(workdir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def subprocess_env(workdir: Path, **extra: str) -> dict[str, str]:
-    """Environment of the training subprocesses: they share a persistent
-    compilation cache, so only the first one compiles the train step."""
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
-
-
-def kill_at_marker(process: subprocess.Popen, marker: Path, timeout_s: float, why: Callable[[], str]) -> None:
-    """SIGKILL `process` once it has written `marker` (it then waits to be killed) and reap it.
-    Fails the test with `why()` if the process ends first, or when no marker comes within timeout_s."""
-    try:
-        deadline = time.time() + timeout_s
-        while not marker.exists():
-            assert process.poll() is None, why()
-            assert time.time() < deadline
-            time.sleep(0.2)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-
-
 @pytest.fixture(scope="module")
 def str_run(workdir):
     """An uninterrupted STR run (with EMA) through the CLI, in a subprocess."""
@@ -113,7 +87,7 @@ def test_run_directory_metrics_and_log(str_run):
     assert "layer sparsity" in lines[-1] and "thresholds" in lines[-1]
     run = json.loads((str_run / "run.json").read_text())
     assert run["elements"] == [3, 15, 16, 32]
-    assert run["e0s"] == "fit" and "params/layer_0/linear_1/w[0,0]" in run["targeted_leaves"]
+    assert run["e0s"] == "refit" and set(run["e0_refit_eV"]) == set(run["e0_shift_eV"]) and "params/layer_0/linear_1/w[0,0]" in run["targeted_leaves"]
     # the E0 fit moved the per-type shift of the elements present (Li, P, S, Ge)
     config, variables = load_for_inference(str_run)
     assert not np.allclose(variables["constants"]["shift"], [-1.0, -5.0, -4.0, -4.5])
@@ -137,7 +111,7 @@ def test_merged_model_predicts_training_time_effective_params(workdir, str_run, 
     module = build_model(config)
     method = make_method(MethodOptions(method="str"), base["params"], config)
     trainer = Trainer(module, merged["constants"], method, base["params"], TrainConfig(batch_size=BATCH, ema_decay=0.5))
-    state = restore_state(str_run / "checkpoints" / "best", trainer.initial_state())
+    state = restore_state(str_run / "checkpoints" / "best", trainer.run_state(trainer.initial_state(), 0))
     graph = valid_graph(read_frames(workdir / "valid.xyz"))
     effective = {"params": method.effective(state.ema), "constants": merged["constants"]}
     a, b = predict_fn(effective, graph), predict_fn(merged, graph)
@@ -188,10 +162,10 @@ KILL_DRIVER = """
 import os, sys, time
 from sparse_eqv.cli import _enable_x64
 _enable_x64()
-from sparse_eqv.finetune import run as run_mod
+from sparse_eqv.finetune import loop
 
 kill_after = int(sys.argv[1])
-original = run_mod.save_state
+original = loop.save_state
 
 def save_then_wait(directory, state):
     original(directory, state)
@@ -199,10 +173,21 @@ def save_then_wait(directory, state):
         open(sys.argv[2], "w").write(str(state.step))
         time.sleep(600)  # the test kills us here, mid-epoch, after a checkpoint
 
-run_mod.save_state = save_then_wait
+loop.save_state = save_then_wait
 from sparse_eqv.cli import main
 sys.exit(main(sys.argv[3:]))
 """
+
+
+def test_e0_refit_leaves_no_per_element_offset_on_the_training_frames(workdir, str_run, tmp_path):
+    """--e0s refit (the default): the run's model has no least-squares per-element energy offset left
+    on its training frames, and the refit moved the E0s (the deltas shifted the energies)."""
+    out = tmp_path / "train_eval.json"
+    assert main(["evaluate", str(str_run), "--data", str(workdir / "train.xyz"), "--json", str(out), "--quiet"]) == 0
+    left = json.loads(out.read_text())["e0_shift_eV"]
+    assert all(abs(shift) < 1e-9 for shift in left.values()), left
+    refit = json.loads((str_run / "run.json").read_text())["e0_refit_eV"]
+    assert max(abs(s) for s in refit.values()) > 1e-6
 
 
 def test_kill_and_resume_equals_uninterrupted(workdir, str_run, tmp_path):
@@ -253,8 +238,9 @@ for n in (1, 2):
     trainer = Trainer(module, variables["constants"], method, variables["params"],
                       TrainConfig(batch_size=4, lr=0.01, threshold_decay=0.3, ema_decay=0.5), n_devices=n)
     state = trainer.initial_state()
-    losses = [trainer.train_step(state, trainer.stack(graphs, idx)[0]) for idx in ([0, 1, 2, 3], [4, 5, 6, 7], [3, 5, 0])]
-    result[n] = {"losses": losses, "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves((state.tree, state.ema))],
+    losses = [float(trainer.train_step(state, trainer.stack(graphs, idx)[0])[0]) for idx in ([0, 1, 2, 3], [4, 5, 6, 7], [3, 5, 0])]
+    run = trainer.run_state(state, 0)
+    result[n] = {"losses": losses, "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves((run.tree, run.ema))],
                  "devices": len(jax.devices())}
 print(json.dumps(result))
 """
@@ -297,11 +283,11 @@ def test_baselines_elora_and_scratch(workdir):
     method = make_method(MethodOptions(method="elora", rank=2, alpha=2.0), base, config)
     trainer = Trainer(module, variables["constants"], method, base, TrainConfig(batch_size=4, lr=1e-2))
     state = trainer.initial_state()
-    before = jax.tree.leaves(method.effective(state.tree))
+    before = jax.tree.leaves(method.effective(trainer.run_state(state, 0).tree))
     assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(base)))
     loss = trainer.train_step(state, trainer.stack(graphs, [0, 1, 2, 3])[0])
-    assert np.isfinite(loss)
-    after = traverse_util.flatten_dict(method.effective(state.tree))
+    assert np.all(np.isfinite(loss))
+    after = traverse_util.flatten_dict(method.effective(trainer.run_state(state, 0).tree))
     base_flat = traverse_util.flatten_dict(base)
     moved = {k for k in base_flat if not np.array_equal(after[k], base_flat[k])}
     assert moved == set(method.adapted(base))
@@ -351,16 +337,12 @@ def test_schedules_and_early_stopping(workdir):
     method = Full()
     cfg = TrainConfig(plateau_patience=1, plateau_factor=0.5, patience=2)
     trainer = Trainer(module, variables["constants"], method, variables["params"], cfg)
-    state = trainer.initial_state()
-    for loss in (3.0, 2.0, 2.5, 2.5):
-        trainer._end_epoch(state, {"loss": loss}, None, None, None)
-    assert state.best_epoch == 1 and state.lr_scale == 0.5 and state.stopped
-    assert [row["valid_loss"] for row in state.history] == [3.0, 2.0, 2.5, 2.5]
+    run = TrainState()
+    improved = [trainer.end_epoch(run, {"loss": loss}) for loss in (3.0, 2.0, 2.5, 2.5)]
+    assert improved == [True, True, False, False]
+    assert run.best_epoch == 1 and run.lr_scale == 0.5 and run.stopped
+    assert [row["valid_loss"] for row in run.history] == [3.0, 2.0, 2.5, 2.5]
     cosine = Trainer(module, variables["constants"], method, variables["params"], TrainConfig(schedule="cosine"))
     cosine.total_steps = 10
-    state = cosine.initial_state()
-    scales = []
-    for step in (0, 5, 10):
-        state.step = step
-        scales.append(cosine.lr_scale(state))
+    scales = [cosine.lr_scale(TrainState(step=step)) for step in (0, 5, 10)]
     np.testing.assert_allclose(scales, [1.0, 0.5, 0.0], atol=1e-15)

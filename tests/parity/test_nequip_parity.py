@@ -21,7 +21,9 @@ pytest.importorskip("nequip")
 pytest.importorskip("torch")
 
 from torch_ref import nequip_reference  # noqa: E402
-from torch_ref.nequip_parity_utils import assert_rotation_equivariant, deviations, jax_predict, real_frames  # noqa: E402
+from torch_ref.nequip_parity_utils import (  # noqa: E402
+    ELEMENTS, ZBL, assert_rotation_equivariant, deviations, jax_predict, real_frames, small_config,
+)
 
 from sparse_eqv.data.graph import frame_to_graph  # noqa: E402
 from sparse_eqv.errors import CheckpointError, DataError, UnsupportedModelError  # noqa: E402
@@ -31,25 +33,6 @@ TOL = {"energy_per_atom": 1e-8, "forces": 1e-7, "stress": 1e-8}
 # float32 against torch float32: both sides round; the stress bound is the SevenNet tier's (XLA's own dot
 # emitters, see sparse_eqv/xla_flags.py, gave 1.1e-6 eV/Å^3 here where YNNPACK gave 8e-7).
 TOL32 = {"energy_per_atom": 1e-5, "forces": 1e-4, "stress": 2e-6}
-ELEMENTS = ["Cu", "Li", "Ge", "P", "S", "C", "H", "O"]
-ZBL = {"_target_": "nequip.nn.pair_potential.ZBL", "units": "metal", "chemical_species": ELEMENTS}
-
-
-def small_config(dtype: str = "float64") -> dict:
-    """3 layers, l_max 2 with parity, per-type avg_num_neighbors, ZBL, a hidden readout layer."""
-    return {
-        "_target_": "nequip.model.NequIPGNNModel",
-        "seed": 1, "model_dtype": dtype, "type_names": ELEMENTS, "r_max": 4.5,
-        "num_layers": 3, "l_max": 2, "parity": True, "num_features": [8, 4, 2],
-        "radial_mlp_depth": 2, "radial_mlp_width": 16, "polynomial_cutoff_p": 5,
-        "avg_num_neighbors": {e: 10.0 + 3 * i for i, e in enumerate(ELEMENTS)},
-        "per_type_energy_scales": {e: 1.0 for e in ELEMENTS},
-        "per_type_energy_shifts": {e: 0.0 for e in ELEMENTS},
-        "readout_mlp_hidden_layers_depth": 1, "readout_mlp_hidden_layers_width": 6,
-        "pair_potential": ZBL,
-    }
-
-
 def oam_l_config() -> dict:
     """NequIP-OAM-L hyperparameters (preset L: 6 layers, l_max 3, parity off, 128/64/32/32)."""
     return {

@@ -20,16 +20,16 @@ from flax import traverse_util
 from sparse_eqv.checkpoint import load_model, save_model
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.models import build_model
-from test_finetune import TINY_CONFIG, write_extxyz
+from sparse_eqv.testing import tiny_sevenn_config, write_extxyz
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, real_frames_dir):
     root = tmp_path_factory.mktemp("distributed")
-    module = build_model(TINY_CONFIG)
+    module = build_model(tiny_sevenn_config())
     variables = module.init(jax.random.PRNGKey(1), jax.numpy.ones((3, 3)), jax.numpy.zeros(2, jax.numpy.int32),
                             jax.numpy.array([0, 1, 0]), jax.numpy.array([1, 0, 1]))
-    save_model(root / "model", TINY_CONFIG, jax.tree.map(np.asarray, variables))
+    save_model(root / "model", tiny_sevenn_config(), jax.tree.map(np.asarray, variables))
     frames = read_frames(real_frames_dir / "sse-pbe" / "LiGePS-init.system")
     write_extxyz(root / "train.xyz", frames[10:18])
     write_extxyz(root / "valid.xyz", frames[20:22])  # frames 400-401 of the full file

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import ase.io
@@ -37,8 +36,6 @@ from sparse_eqv.potential import edge_vectors
 from weights_convert.convert import convert
 from weights_convert.export import apply_delta, export_run
 from weights_convert.magmom_head import read_head
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 NIO = "nio-spin"
 TINY_NEQUIP = {

@@ -141,6 +141,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
         n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet, magmom=args.magmom,
         replay=args.replay, replay_labels=args.replay_labels, on_checkpoint=record,
+        tensorboard=args.tensorboard,
     )
     record()
     valid, spars = result["valid"], result["sparsity"]
@@ -168,7 +169,7 @@ def _finetune_variants(args: argparse.Namespace, method, config, variants) -> No
         valid_fraction=args.valid_fraction, test=args.test, method=method, config=config, e0s=args.e0s,
         overwrite=args.overwrite, resume=args.resume, n_devices=args.devices, read_options=_read_options(args),
         progress=not args.quiet, magmom=args.magmom, replay=args.replay, replay_labels=args.replay_labels,
-        on_checkpoint=record,
+        on_checkpoint=record, tensorboard=args.tensorboard,
     )
     record()
     print(summary_table(summary))
@@ -414,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's log row as TensorBoard scalars to RUN_DIR/tensorboard (needs tensorboardX)")
     _add_label_keys(p)
     accept_config(p)  # last: --config FILE.yaml may give every option above
     p.set_defaults(func=cmd_finetune)

@@ -71,6 +71,7 @@ from sparse_eqv.errors import DataError, SparseEqvError
 from sparse_eqv.finetune import e0s as e0s_lib
 from sparse_eqv.finetune import magmom as magmom_lib
 from sparse_eqv.finetune import replay as replay_lib
+from sparse_eqv.finetune import tensorboard as tensorboard_lib
 from sparse_eqv.finetune.dense import Full
 from sparse_eqv.finetune.lora import ELoRA
 from sparse_eqv.finetune.loop import Trainer, TrainConfig, Variant, make_graphs
@@ -384,6 +385,7 @@ def finetune(
     magmom: str | None = None,
     replay: str | Path | None = None,
     replay_labels: str = "base",
+    tensorboard: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune the model in `model_dir` and write `run_dir`.
 
@@ -402,6 +404,8 @@ def finetune(
         replay: frames whose loss (weight `config.replay_weight`) is added at
             every step, labelled by the base model or, with replay_labels
             "file", by their own labels (`sparse_eqv.finetune.replay`).
+        tensorboard: also write each epoch's log row as TensorBoard scalars
+            (RUN_DIR/<variant>/tensorboard, `sparse_eqv.finetune.tensorboard`).
     """
     started = time.perf_counter()
     model_dir, run_dir = Path(model_dir), Path(run_dir)
@@ -411,6 +415,8 @@ def finetune(
     names = variant_names(variants) if layout_variants else [""]
     check_variants(variants, method, magmom=magmom, replay=replay)
     check_run_options(run_dir, e0s, overwrite, resume)
+    if tensorboard:
+        tensorboard_lib.require()
 
     model_config, variables, dtype = load_base(model_dir)
     numbers, cutoff = model_config["atomic_numbers"], float(model_config["r_max"])
@@ -527,13 +533,19 @@ def finetune(
             write_best(dirs[k], model_config, e0[k][1], base_params[k], fine_method, tree, params)
             save_state(dirs[k] / "checkpoints" / "best", run)
 
+    writers = [tensorboard_lib.open_writer(d) for d in dirs] if tensorboard and distributed.is_primary() else None
+
     def on_epoch(k: int, run: TrainState) -> None:
         if distributed.is_primary():
             _write_csv(dirs[k] / "log.csv", run.history)
             write_train_log(dirs[k], run.history, config.epochs)
+            if writers is not None:
+                tensorboard_lib.write_row(writers[k], run.history[-1])
 
     state = trainer.fit(state, [pair for pair, _ in data], [pair for _, pair in data], save=save, on_best=on_best,
                         on_epoch=on_epoch, progress=progress, replay=replay_set, names=names)
+    for writer in writers or ():
+        writer.close()
 
     distributed.barrier("best model written")
     if e0s == "refit":

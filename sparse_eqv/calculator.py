@@ -9,6 +9,7 @@ import numpy as np
 from ase.calculators.calculator import Calculator as AseCalculator
 from ase.calculators.calculator import all_changes
 
+from sparse_eqv.checkpoint import load_for_inference
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.graph import GraphBudget, batch_graphs, frame_to_graph
 from sparse_eqv.inference import Predictor
@@ -36,8 +37,6 @@ class Calculator(AseCalculator):
 
     def __init__(self, path: str | Path, skin: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        from sparse_eqv.checkpoint import load_for_inference
-
         config, variables = load_for_inference(path)
         self.predictor = Predictor(config, variables)
         self.skin = float(skin)

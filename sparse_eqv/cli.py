@@ -47,7 +47,7 @@ def _named(given: str, path: Path) -> str:
 
 def _attach_magmom_head(config, variables, path: Path):
     from sparse_eqv.errors import CheckpointError
-    from sparse_eqv.models.magmom import attach_head
+    from sparse_eqv.models import attach_head
     from weights_convert.magmom_head import read_head
 
     head = read_head(path)

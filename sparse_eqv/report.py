@@ -46,8 +46,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from sparse_eqv.atomic_write import atomic_file
+from sparse_eqv.checkpoint import load_model, pytree_checkpointer
 from sparse_eqv.curves import LOG_FILE, write_curves
 from sparse_eqv.errors import CheckpointError, SparseEqvError
+from sparse_eqv.finetune.targets import leaf_path
+from sparse_eqv.models.paths import describe_leaves, describe_unknown
 
 NONE = "(none)"
 FIGURES = ("layer_path.png", "element_l.png")
@@ -69,9 +72,6 @@ def run_delta(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], Arra
         missing delta or base model; SparseEqvError for a scratch run.
     """
     from flax import traverse_util
-
-    from sparse_eqv.checkpoint import load_model, pytree_checkpointer
-    from sparse_eqv.finetune.targets import leaf_path
 
     run_dir = Path(run_dir)
     if not (run_dir / "run.json").exists():
@@ -183,8 +183,6 @@ def _l_order(label: str) -> tuple:
 
 def report_tables(run_dir: str | Path) -> dict[str, Any]:
     """The report's numbers (see the module docstring); JSON-serialisable."""
-    from sparse_eqv.models.paths import describe_leaves, describe_unknown
-
     run_dir = Path(run_dir)
     info, config, delta, base, n_params = run_delta(run_dir)
     described = describe_leaves(config)

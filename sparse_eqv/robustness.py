@@ -31,6 +31,7 @@ import ase.data
 import numpy as np
 
 from sparse_eqv.atomic_write import atomic_file
+from sparse_eqv.calculator import Calculator
 from sparse_eqv.checkpoint import load_for_inference
 from sparse_eqv.data.frames import Frame
 from sparse_eqv.data.readers import read_frames
@@ -193,8 +194,6 @@ def md_check(path: str | Path, frame: Frame, *, steps: int, temperature: float, 
     from ase import units
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import thermalize_momenta
-
-    from sparse_eqv.calculator import Calculator
 
     atoms = frame.to_atoms()
     atoms.calc = Calculator(path)

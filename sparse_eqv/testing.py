@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sparse_eqv.checkpoint import save_model
 from sparse_eqv.data.frames import Frame
+from sparse_eqv.inference import Predictor
+from sparse_eqv.models import build_model
 
 
 def tiny_sevenn_config() -> dict[str, Any]:
@@ -68,8 +71,6 @@ def tiny_variables(seed: int = 0) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    from sparse_eqv.models import build_model
-
     variables = build_model(tiny_sevenn_config()).init(
         jax.random.PRNGKey(seed), jnp.ones((3, 3)), jnp.zeros(2, jnp.int32), jnp.array([0, 1, 0]), jnp.array([1, 0, 1])
     )
@@ -78,8 +79,6 @@ def tiny_variables(seed: int = 0) -> dict[str, Any]:
 
 def write_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """A model directory of `tiny_sevenn_config()` with random weights (PRNG `seed`); returns it."""
-    from sparse_eqv.checkpoint import save_model
-
     return save_model(directory, tiny_sevenn_config(), tiny_variables(seed))
 
 
@@ -93,8 +92,6 @@ def write_labelled_frames(path: str | Path, n_frames: int, *, seed: int = 0, tea
     import ase.io
     import numpy as np
     from ase.calculators.singlepoint import SinglePointCalculator
-
-    from sparse_eqv.inference import Predictor
 
     config = tiny_sevenn_config()
     rng = np.random.default_rng(seed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from weights_convert import mace, nequip, sevenn
 from weights_convert.detect import detect_kind
+from weights_convert.foundations import resolve
 
 
 def resolve_checkpoint(name: str | Path) -> Path:
@@ -15,8 +17,6 @@ def resolve_checkpoint(name: str | Path) -> Path:
     path = Path(name)
     if path.exists() or path.suffix or len(path.parts) > 1:
         return path
-    from weights_convert.foundations import resolve
-
     return resolve(str(name))
 
 
@@ -24,12 +24,7 @@ def convert(checkpoint: str | Path, *, dtype: str = "float64", head: str | None 
     """(config, variables) of the Flax model that reproduces `checkpoint`."""
     path = resolve_checkpoint(checkpoint)
     kind = detect_kind(path)
-    if kind == "mace":
-        from weights_convert import mace as converter
-    elif kind == "sevenn":
-        from weights_convert import sevenn as converter
-    else:
-        from weights_convert import nequip as converter
+    converter = {"mace": mace, "sevenn": sevenn}.get(kind, nequip)  # nequip-ckpt, nequip-package
     config, variables = converter.convert(path, dtype=dtype, head=head, trust=trust)
     config.setdefault("source", {})["path"] = str(path.resolve())  # export writes back into this file's format
     return config, variables

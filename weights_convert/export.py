@@ -30,9 +30,13 @@ from typing import Any
 import numpy as np
 
 from sparse_eqv.atomic_write import atomic_file
+from sparse_eqv.checkpoint import load_model
 from sparse_eqv.errors import CheckpointError
 from weights_convert.delta_patch import PatchError, TensorDelta, read_patch, sha256_of, write_patch
 from weights_convert.magmom_head import SIDE_SUFFIX, add_head, read_head, write_head_file
+from weights_convert.nequip import _load_ckpt, _model_from_ckpt
+from weights_convert.sevenn import _runtime_model
+from weights_convert.sevenn import load_checkpoint as load_sevenn
 from weights_convert.torch_pickle import TorchArray, load_checkpoint, module_state_dict
 from weights_convert.zip_patch import patch_members
 
@@ -79,8 +83,6 @@ def _nequip_layout(path: Path, state: dict[str, TorchArray]) -> dict[str, list[s
     """nequip GraphModel key -> the Lightning checkpoint keys that hold it: the
     raw weight and, when an EMA module saved them, its EMA copy (which nequip
     evaluates); the EMA order is the model's `named_parameters()` order."""
-    from weights_convert.nequip import _load_ckpt, _model_from_ckpt
-
     layout = {key[len(_NEQUIP_PREFIX):]: [key] for key in state if key.startswith(_NEQUIP_PREFIX)}
     if any(key.startswith("ema.ema_weight_") for key in state):
         model = _model_from_ckpt(path, _load_ckpt(path))
@@ -94,8 +96,6 @@ def _sevenn_layout(path: Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     sign) of each element, found by loading position tags through sevenn's own
     backward-compatibility patch."""
     import torch
-
-    from weights_convert.sevenn import _runtime_model, load_checkpoint as load_sevenn
 
     cp = load_sevenn(path)
     offsets, tagged, keys = {}, {}, []
@@ -189,8 +189,6 @@ def _storage_values(base: Path, record: str, dtype: np.dtype) -> np.ndarray:
 
 def _run_models(run_dir: Path) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
     """(config, base variables, fine-tuned variables, run info) of a run directory."""
-    from sparse_eqv.checkpoint import load_model
-
     info_path = run_dir / "run.json"
     if not info_path.exists():
         raise CheckpointError(f"{run_dir}: not a fine-tuning run directory (no run.json)")

@@ -23,7 +23,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparse_eqv.download import download
 from sparse_eqv.errors import CheckpointError, DownloadError, UnsupportedModelError
+from weights_convert.sevenn import bundled_names, resolve_bundled
 
 CACHE_ENV = "SPARSE_EQV_CACHE"
 BASE_URL_ENV = "SPARSE_EQV_FOUNDATIONS_URL"
@@ -115,8 +117,6 @@ def _xdg_cache() -> Path:
 
 def sevenn_names() -> list[str]:
     """The SevenNet checkpoint names bundled in the sevenn wheel (`7net-0`, ...)."""
-    from weights_convert.sevenn import bundled_names
-
     return bundled_names()
 
 
@@ -140,8 +140,6 @@ def resolve(name: str, *, progress: bool = True) -> Path:
     """
     key = name.strip().lower()
     if key in sevenn_names():
-        from weights_convert.sevenn import resolve_bundled
-
         path = resolve_bundled(key)
         if path is None:
             raise CheckpointError(f"{name}: a SevenNet checkpoint bundled in the sevenn wheel, which is not "
@@ -164,8 +162,6 @@ def resolve(name: str, *, progress: bool = True) -> Path:
             return theirs
         print(f"note: {theirs} (mace-torch's cache) is not a whole torch checkpoint; downloading {model.name} "
               "again", file=sys.stderr)
-    from sparse_eqv.download import download
-
     url = download_url(model)
     print(f"downloading {model.name} from {url} to {ours}", file=sys.stderr)
     try:

@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 
 from sparse_eqv.errors import CheckpointError, UnsupportedModelError
-from weights_convert.sevenn import _act_scale, _cg_constants, _Collector, _irreps
+from sparse_eqv.models.nequip import MLPSpec, conv_instructions, parse_irreps
+from weights_convert.sevenn import _act_scale, _cg_constants, _Collector, _fc_tensor_product, _irreps
+from weights_convert.sevenn import _linear as linear_leaves
 
 _BUILDERS = {
     "nequip.model.NequIPGNNModel",
@@ -135,8 +137,6 @@ def _act_name(fn) -> str:
 
 def _scalar_mlp(col: _Collector, where, prefix: str, mlp_function) -> dict:
     """nequip ScalarMLPFunction -> MLPSpec fields and leaves layer{k}."""
-    from sparse_eqv.models.nequip import MLPSpec
-
     mlp = mlp_function.mlp
     if hasattr(mlp, "weights"):  # DeepLinearMLP: product of linear layers, no nonlinearity
         weights, act = [f"{prefix}.mlp.weights.{k}" for k in range(len(mlp.weights))], None
@@ -164,15 +164,11 @@ def _scalar_mlp(col: _Collector, where, prefix: str, mlp_function) -> dict:
 
 
 def _linear(col: _Collector, where, key: str, linear) -> None:
-    from weights_convert.sevenn import _linear as linear_leaves
-
     linear_leaves(col, where, key, linear)
 
 
 def convert(path, *, dtype: str = "float64", head: str | None = None, trust: bool = False):
     """nequip `.ckpt` or (trusted) `.nequip.zip` -> (config, variables)."""
-    from sparse_eqv.models.nequip import conv_instructions, parse_irreps
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -262,8 +258,6 @@ def convert(path, *, dtype: str = "float64", head: str | None = None, trust: boo
         sc_kind = "none"
         if conv.sc is not None:
             sc_kind = "tensor_product"
-            from weights_convert.sevenn import _fc_tensor_product
-
             _fc_tensor_product(col, (name, "self_connection"), f"{prefix}.conv.sc.weight", conv.sc)
         _linear(col, (name, "linear_1"), f"{prefix}.conv.linear_1.weight", conv.linear_1)
         _linear(col, (name, "linear_2"), f"{prefix}.conv.linear_2.weight", conv.linear_2)

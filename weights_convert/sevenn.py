@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from sparse_eqv.errors import CheckpointError, UnsupportedModelError
+from sparse_eqv.models.nequip import NequIP, layer_output_irreps
 
 _BUNDLED = {
     "7net-0": "SevenNet_0__11Jul2024/checkpoint_sevennet_0.pth",
@@ -85,8 +86,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def _runtime_model(cp: dict[str, Any], path: Path):
     """(config, torch model, state dict) as sevenn runs the checkpoint after loading."""
     import sevenn._keys as KEY
-    import torch
     import sevenn.scripts.backward_compatibility as compat
+    import torch
     from sevenn.checkpoint import _config_cp_routine
     from sevenn.model_build import build_E3_equivariant_model
 
@@ -178,8 +179,6 @@ class _Collector:
         Raises:
             CheckpointError naming the checkpoint file.
         """
-        from sparse_eqv.models.nequip import NequIP, layer_output_irreps
-
         module = NequIP.from_config(config)
         for t, spec in enumerate(module.layers[:-1]):
             if layer_output_irreps(spec) != module.layers[t + 1].irreps_in:

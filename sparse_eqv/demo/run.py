@@ -31,8 +31,19 @@ import ase.io
 import numpy as np
 
 from sparse_eqv.atomic_write import atomic_file
+from sparse_eqv.checkpoint import CONFIG_FILE, load_for_inference, load_model, save_model
 from sparse_eqv.data.frames import Frame
+from sparse_eqv.data.readers import read_frames
 from sparse_eqv.demo.emt_data import LEVEL_OF_THEORY, write_emt_dataset
+from sparse_eqv.errors import DataError
+from sparse_eqv.finetune.evaluate import prediction_metrics
+from sparse_eqv.finetune.loop import TrainConfig
+from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
+from sparse_eqv.inference import Predictor
+from sparse_eqv.report import write_report
+from weights_convert.convert import convert
+from weights_convert.export import export_run
+from weights_convert.sevenn import resolve_bundled
 
 SPLITS = ("train", "valid", "test")
 RELOAD_FRAMES = 5  # sevenn's calculator takes about a second per frame on 2 CPU cores
@@ -58,10 +69,6 @@ def prepare_model(model: str | Path, directory: Path, dtype: str) -> Path:
     """A model directory for `model`: a sparse_eqv model directory as given,
     else `model` (a checkpoint or a bundled name) converted into `directory`,
     reused when it already holds the same checkpoint in the same dtype."""
-    from sparse_eqv.checkpoint import CONFIG_FILE, save_model
-    from weights_convert.convert import convert
-    from weights_convert.sevenn import resolve_bundled
-
     if (Path(model) / CONFIG_FILE).exists():
         return Path(model)
     source = resolve_bundled(str(model)) or Path(model)
@@ -95,9 +102,6 @@ def write_frames(path: Path, frames: Sequence[Frame]) -> Path:
 
 def split_data(data: Path, directory: Path, seed: int) -> dict[str, Path]:
     """The user's labelled file split 70/15/15 % (seeded) into extxyz files."""
-    from sparse_eqv.data.readers import read_frames
-    from sparse_eqv.errors import DataError
-
     frames = read_frames(data, require_energy=True)
     if len(frames) < 3:
         raise DataError(f"{data}: {len(frames)} frame(s); the demo needs at least 3 (train, valid, test)")
@@ -167,15 +171,6 @@ def run_demo(output: str | Path = "demo_out", *, data: str | Path | None = None,
         n_frames: size of the EMT set.
         compilation_cache: keep compiled programs in OUT/jax_cache.
     """
-    from sparse_eqv.checkpoint import load_for_inference, load_model
-    from sparse_eqv.data.readers import read_frames
-    from sparse_eqv.finetune.evaluate import prediction_metrics
-    from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune
-    from sparse_eqv.inference import Predictor
-    from sparse_eqv.report import write_report
-    from weights_convert.export import export_run
-
     started = time.perf_counter()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import jraph
 import numpy as np
 
 from sparse_eqv.data.frames import Frame
+from sparse_eqv.finetune.magmom import magmom_metrics
 
 TERMS = ("energy", "forces", "stress")
 
@@ -126,7 +127,5 @@ def error_metrics(
         out[f"{term}_mae"] = None if e is None else 1e3 * float(np.mean(np.abs(e)))
         out[f"{term}_rmse"] = None if e is None else 1e3 * float(np.sqrt(np.mean(e**2)))
     if any("magmoms" in p for p in predictions):
-        from sparse_eqv.finetune.magmom import magmom_metrics
-
         out.update(magmom_metrics(frames, predictions))  # μB
     return out

@@ -49,7 +49,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
 from sparse_eqv.models.nequip import chunks, parse_irreps
@@ -130,12 +129,6 @@ class MagmomModel:
     layer: int
 
     @staticmethod
-    def from_config(config: dict[str, Any]) -> "MagmomModel":
-        from sparse_eqv.models import build_backbone
-
-        return MagmomModel.attach(build_backbone(config), config["magmom"], len(config["atomic_numbers"]))
-
-    @staticmethod
     def attach(backbone: nn.Module, head: dict[str, Any], num_types: int) -> "MagmomModel":
         """The backbone with the head that `head` (a `head_config`) describes."""
         expected = backbone.feature_irreps()
@@ -168,16 +161,3 @@ class MagmomModel:
         )
         moments = self.head.apply({"params": head_params}, features[self.layer], species)
         return energies, {"magmoms": moments}
-
-
-def attach_head(config: dict[str, Any], variables: Any, head: dict[str, Any], head_params: Any) -> tuple[dict, Any]:
-    """A model (config, variables) with a trained head added (e.g. one read
-    back from an exported patch); raises if the head does not fit its layers."""
-    from sparse_eqv.models import build_backbone
-
-    backbone_config = {k: v for k, v in config.items() if k != "magmom"}
-    MagmomModel.attach(build_backbone(backbone_config), head, len(config["atomic_numbers"]))
-    dtype = jnp.float64 if config.get("dtype", "float64") == "float64" else jnp.float32
-    head_params = jax.tree.map(lambda x: np.asarray(x, dtype), head_params)
-    params = {**variables["params"], HEAD_KEY: head_params}
-    return {**backbone_config, "magmom": head}, {**variables, "params": params}

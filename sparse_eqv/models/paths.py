@@ -44,6 +44,14 @@ import e3nn_jax as e3nn
 import numpy as np
 
 from sparse_eqv.errors import UnsupportedModelError
+from sparse_eqv.models.blocks import (
+    fully_connected_tp_instructions,
+    linear_instructions,
+    tp_path_weights,
+    tp_weight_name,
+)
+from sparse_eqv.models.mace import MACE, conv_tp_structure, mace_structure, sh_irreps
+from sparse_eqv.models.nequip import NequIP, conv_instructions, parse_irreps, simplify_irreps
 
 Label = Union[str, int, None]
 
@@ -152,8 +160,6 @@ def _mlp(prefix: str, layer: str, dims, last_columns: Split | None = None, l_col
 
 
 def _describe_nequip(config: dict[str, Any]) -> dict[str, LeafInfo]:
-    from sparse_eqv.models.nequip import NequIP, conv_instructions, parse_irreps, simplify_irreps
-
     module = NequIP.from_config(config)
     symbols = _symbols(config)
     infos: dict[str, LeafInfo] = {
@@ -239,8 +245,6 @@ def _describe_nequip(config: dict[str, Any]) -> dict[str, LeafInfo]:
 def _mace_linear(prefix: str, layer: str, irreps_in: e3nn.Irreps, irreps_out: e3nn.Irreps,
                  paths: dict[int, str] | None = None) -> dict[str, LeafInfo]:
     """Leaves of `blocks.Linear`; paths: the convolution path behind input chunk i."""
-    from sparse_eqv.models.blocks import linear_instructions
-
     out = {}
     for p in linear_instructions(irreps_in, irreps_out):
         if 0 in p.shape:
@@ -254,8 +258,6 @@ def _mace_linear(prefix: str, layer: str, irreps_in: e3nn.Irreps, irreps_out: e3
 def _mace_skip_tp(prefix: str, layer: str, irreps_in: e3nn.Irreps, irreps_out: e3nn.Irreps,
                   symbols: list[str]) -> dict[str, LeafInfo]:
     """`FullyConnectedTensorProduct(x, one-hot Zx0e -> out)`: w[i1,0,o] (mul1, Z, mul_out)."""
-    from sparse_eqv.models.blocks import fully_connected_tp_instructions, tp_weight_name
-
     attrs = e3nn.Irreps(f"{len(symbols)}x0e")
     out = {}
     for ins in fully_connected_tp_instructions(irreps_in, attrs, irreps_out):
@@ -268,9 +270,6 @@ def _mace_skip_tp(prefix: str, layer: str, irreps_in: e3nn.Irreps, irreps_out: e
 
 
 def _describe_mace(config: dict[str, Any]) -> dict[str, LeafInfo]:
-    from sparse_eqv.models.blocks import tp_path_weights
-    from sparse_eqv.models.mace import MACE, conv_tp_structure, mace_structure, sh_irreps
-
     module = MACE.from_config(config)
     layers, readouts = mace_structure(module.config_dict())
     symbols = _symbols(config)

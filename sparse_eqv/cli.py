@@ -108,7 +108,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from sparse_eqv.config_file import resolve
     from sparse_eqv.finetune.losses import LossWeights
     from sparse_eqv.finetune.loop import TrainConfig
-    from sparse_eqv.finetune.run import MethodOptions, default_lr, finetune, make_variants, parse_values
+    from sparse_eqv.finetune.run import (
+        MethodOptions, default_lr, finetune, make_variants, parse_values, summary_table,
+    )
     from sparse_eqv.finetune.str import SCORE_LR
 
     args = resolve(args)  # defaults < --config FILE < flags given here
@@ -132,18 +134,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
                             magmoms=args.magmom_weight),
         replay_weight=args.replay_weight,
     )
-    if len(decays) * len(seeds) > 1:
-        _finetune_variants(args, method, config, make_variants(decays, seeds))
-        return
+    variants = make_variants(decays, seeds) if len(decays) * len(seeds) > 1 else None
     record = _config_recorder(args)
     result = finetune(
         args.model, args.output, train=args.train, valid=args.valid, valid_fraction=args.valid_fraction,
-        test=args.test, method=method, config=config, e0s=args.e0s, overwrite=args.overwrite, resume=args.resume,
-        n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet, magmom=args.magmom,
-        replay=args.replay, replay_labels=args.replay_labels, on_checkpoint=record,
+        test=args.test, method=method, config=config, variants=variants, e0s=args.e0s, overwrite=args.overwrite,
+        resume=args.resume, n_devices=args.devices, read_options=_read_options(args), progress=not args.quiet,
+        magmom=args.magmom, replay=args.replay, replay_labels=args.replay_labels, on_checkpoint=record,
         tensorboard=args.tensorboard,
     )
     record()
+    if variants is not None:
+        print(summary_table(result))
+        print(f"{len(variants)} variants in one run, {result['train_wall_s']:.1f} s training, "
+              f"{sum(result['compiles'].values())} compilation(s) -> {args.output}/<variant>")
+        return
     valid, spars = result["valid"], result["sparsity"]
     layer = f", layer sparsity {spars['layer_sparsity']:.1%}" if "layer_sparsity" in spars else ""
     print(
@@ -158,23 +163,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         print(f"note: after {result['steps']} steps the STR thresholds have not risen to the paper's regime yet "
               f"(layer sparsity {spars['layer_sparsity']:.1%} < {REGIME_LAYER_SPARSITY:.0%}): train longer "
               f"(--epochs) or raise the score learning rate (--score-lr, now {config.score_lr})")
-
-
-def _finetune_variants(args: argparse.Namespace, method, config, variants) -> None:
-    from sparse_eqv.finetune.run import finetune, summary_table
-
-    record = _config_recorder(args)
-    summary = finetune(
-        args.model, args.output, variants=variants, train=args.train, valid=args.valid,
-        valid_fraction=args.valid_fraction, test=args.test, method=method, config=config, e0s=args.e0s,
-        overwrite=args.overwrite, resume=args.resume, n_devices=args.devices, read_options=_read_options(args),
-        progress=not args.quiet, magmom=args.magmom, replay=args.replay, replay_labels=args.replay_labels,
-        on_checkpoint=record, tensorboard=args.tensorboard,
-    )
-    record()
-    print(summary_table(summary))
-    print(f"{len(variants)} variants in one run, {summary['train_wall_s']:.1f} s training, "
-          f"{sum(summary['compiles'].values())} compilation(s) -> {args.output}/<variant>")
 
 
 def _config_recorder(args: argparse.Namespace):

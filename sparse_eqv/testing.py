@@ -190,3 +190,42 @@ def kill_at_marker(process: subprocess.Popen, marker: Path, timeout_s: float, wh
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def perturb_mapped_weights(config: dict[str, Any], variables: Any, *, seed: int, n_entries: Callable[[int], int],
+                           scale: float) -> tuple[Any, int]:
+    """`variables` with `n_entries(size)` entries of every params leaf that maps to a torch
+    tensor (config["torch_names"]) moved by normal(0, `scale`), to values a float32 checkpoint
+    stores exactly (numpy PRNG `seed`); and how many entries moved."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    new = jax.tree.map(np.array, variables)
+    changed = 0
+    for path, (_key, start, *_rest) in config["torch_names"].items():
+        if start is None or not path.startswith("params/"):
+            continue
+        node = new
+        *parents, name = path.split("/")
+        for part in parents:
+            node = node[part]
+        flat = node[name].reshape(-1)
+        index = rng.choice(flat.size, size=n_entries(flat.size), replace=False)
+        flat[index] = (flat[index] + rng.normal(0.0, scale, index.size)).astype(np.float32)
+        changed += index.size
+    return new, changed
+
+
+def write_stand_in_run(run: str | Path, base_dir: str | Path, config: dict[str, Any], variables: Any) -> Path:
+    """A run directory as `finetune` writes it, without training: run.json naming the base model
+    directory `base_dir`, and model/ holding (config, variables); replaces an earlier `run`. Returns `run`."""
+    import json
+    import shutil
+
+    run = Path(run)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": str(Path(base_dir).absolute()), "method": "test"}))
+    save_model(run / "model", config, variables)
+    return run

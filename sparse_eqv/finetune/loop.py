@@ -487,8 +487,9 @@ class Trainer:
 
     def lr_scale(self, run: TrainState) -> float:
         """Factor on the peak lr: cosine over the run's steps, or the plateau factor."""
-        if self.config.schedule == "cosine":
-            return float(optax.cosine_decay_schedule(1.0, max(self.total_steps or 1, 1))(run.step))
+        if self.config.schedule == "cosine":  # optax.cosine_decay_schedule's factor, without its eager jnp call per step
+            total = max(self.total_steps or 1, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(run.step, total) / total))
         return run.lr_scale
 
     def predict(self, params: Any, graphs: Sequence[jraph.GraphsTuple], frames: Sequence[Frame],

@@ -17,7 +17,6 @@ two-layer Cu/Ni SevenNet (built by sevenn).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import ase
 import ase.io
-import jax
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -35,6 +33,7 @@ from sparse_eqv.checkpoint import load_for_inference, load_model, save_model
 from sparse_eqv.cli import main
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.inference import Predictor
+from sparse_eqv.testing import perturb_mapped_weights, write_stand_in_run
 from weights_convert.convert import convert
 from weights_convert.export import export_run
 
@@ -44,39 +43,13 @@ MACE_TOL = {"energy_per_atom": 1e-8, "forces": 1e-7, "stress": 1e-8}  # eV/atom,
 SEVENN_TOL = {"energy_per_atom": 1e-6, "forces": 1e-6, "stress": 1e-7}
 
 
-def _run_dir(root: Path, base_dir: Path, config: dict, variables) -> Path:
-    """A run directory as `finetune` writes it: run.json naming the base model, and model/."""
-    run = root / "run"
-    run.mkdir()
-    (run / "run.json").write_text(json.dumps({"model": str(base_dir.absolute()), "method": "test"}))
-    save_model(run / "model", config, variables)
-    return run
-
-
-def _nudged(config: dict, variables, seed: int):
-    """`variables` with a tenth (at least one) of the entries of every weight that maps to a torch
-    tensor moved by ~0.1, to values a float32 checkpoint stores exactly."""
-    rng = np.random.default_rng(seed)
-    new = jax.tree.map(np.array, variables)
-    for path, (_key, start, *_rest) in config["torch_names"].items():
-        if start is None or not path.startswith("params/"):
-            continue
-        node = new
-        *parents, name = path.split("/")
-        for part in parents:
-            node = node[part]
-        flat = node[name].reshape(-1)
-        index = rng.choice(flat.size, size=max(1, flat.size // 10), replace=False)
-        flat[index] = (flat[index] + rng.normal(0.0, 0.1, index.size)).astype(np.float32)
-    return new
-
-
 def _exported(tmp_path: Path, checkpoint: Path, suffix: str, seed: int) -> tuple[Path, Path, tuple]:
     """(run dir, its exported checkpoint, (config, variables) of the base) for `checkpoint`."""
     config, variables = convert(checkpoint)
     save_model(tmp_path / "base", config, variables)
     config, variables = load_model(tmp_path / "base")
-    run = _run_dir(tmp_path, tmp_path / "base", config, _nudged(config, variables, seed))
+    nudged, _ = perturb_mapped_weights(config, variables, seed=seed, n_entries=lambda size: max(1, size // 10), scale=0.1)
+    run = write_stand_in_run(tmp_path / "run", tmp_path / "base", config, nudged)
     exported = tmp_path / f"finetuned{suffix}"
     assert export_run(run, exported)["nnz"] > 0
     return run, exported, (config, variables)

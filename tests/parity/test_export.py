@@ -4,11 +4,9 @@ delta patches, apply-delta, and their errors (SevenNet-0, real weights)."""
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,6 +14,7 @@ from sparse_eqv.checkpoint import load_model, save_model
 from sparse_eqv.data.readers import read_frames
 from sparse_eqv.errors import CheckpointError
 from sparse_eqv.inference import Predictor
+from sparse_eqv.testing import perturb_mapped_weights, write_stand_in_run
 from weights_convert.convert import convert
 from weights_convert.delta_patch import HEADER, PatchError, apply_to_state_dict, read_patch
 from weights_convert.export import apply_delta, export_run
@@ -33,40 +32,17 @@ def sevennet(tmp_path_factory):
     return directory, config, variables
 
 
-def make_run(root: Path, model_dir: Path, config: dict, variables) -> Path:
-    """A run directory as `finetune` writes it (run.json + merged model)."""
-    run = root / "run"
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    (run / "run.json").write_text(json.dumps({"model": str(model_dir.absolute()), "method": "test"}))
-    save_model(run / "model", config, variables)
-    return run
-
-
 def perturbed(config: dict, variables, seed: int = 0):
     """Every leaf that maps to a torch tensor changed at up to 3 positions, by
     amounts representable in the checkpoint's float32 storage."""
-    rng = np.random.default_rng(seed)
-    new = jax.tree.map(np.array, variables)
-    changed = 0
-    for path, (key, start, *_rest) in config["torch_names"].items():
-        if start is None or not path.startswith("params/"):
-            continue
-        node = new
-        *parents, name = path.split("/")
-        for part in parents:
-            node = node[part]
-        flat = node[name].reshape(-1)
-        index = rng.choice(flat.size, size=min(3, flat.size), replace=False)
-        flat[index] = (flat[index] + rng.normal(0.0, 0.02, index.size)).astype(np.float32)
-        changed += index.size
+    new, changed = perturb_mapped_weights(config, variables, seed=seed, n_entries=lambda size: min(3, size), scale=0.02)
     assert changed > 100
     return new
 
 
 def test_unchanged_export_is_bit_identical(tmp_path, sevennet):
     model_dir, config, variables = sevennet
-    run = make_run(tmp_path, model_dir, config, variables)
+    run = write_stand_in_run(tmp_path / "run", model_dir, config, variables)
     export_run(run, tmp_path / "same.pth")
     assert (tmp_path / "same.pth").read_bytes() == Path(config["source"]["path"]).read_bytes()
     export_run(run, tmp_path / "empty.delta", delta_only=True)
@@ -77,7 +53,7 @@ def test_unchanged_export_is_bit_identical(tmp_path, sevennet):
 def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, real_frames_dir):
     model_dir, config, variables = sevennet
     new = perturbed(config, variables)
-    run = make_run(tmp_path, model_dir, config, new)
+    run = write_stand_in_run(tmp_path / "run", model_dir, config, new)
     merged, patch = tmp_path / "merged.pth", tmp_path / "run.delta"
     summary = export_run(run, merged)
     export_run(run, patch, delta_only=True)
@@ -112,7 +88,7 @@ def test_exported_checkpoint_loads_in_sevenn_and_matches(tmp_path, sevennet, rea
 
 def test_patch_errors_write_nothing(tmp_path, sevennet):
     model_dir, config, variables = sevennet
-    run = make_run(tmp_path, model_dir, config, perturbed(config, variables, seed=1))
+    run = write_stand_in_run(tmp_path / "run", model_dir, config, perturbed(config, variables, seed=1))
     patch = tmp_path / "good.delta"
     export_run(run, patch, delta_only=True)
     out = tmp_path / "out.pth"
@@ -143,7 +119,7 @@ def test_missing_base_checkpoint_says_where_it_looked(tmp_path, sevennet):
     moved = dict(config, source=dict(config["source"], path=str(tmp_path / "gone" / "checkpoint.pth")))
     base_dir = tmp_path / "base"
     save_model(base_dir, moved, variables)
-    run = make_run(tmp_path, base_dir, moved, variables)
+    run = write_stand_in_run(tmp_path / "run", base_dir, moved, variables)
     with pytest.raises(CheckpointError, match=r"looked for '.*gone/checkpoint.pth'"):
         export_run(run, tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
@@ -166,11 +142,11 @@ def test_mace_export_loads_in_mace_calculator(tmp_path, mace_python, repo_root, 
     base_dir = tmp_path / "base"
     save_model(base_dir, config, variables)
     config, variables = load_model(base_dir)
-    export_run(make_run(tmp_path, base_dir, config, variables), tmp_path / "same.model")
+    export_run(write_stand_in_run(tmp_path / "run", base_dir, config, variables), tmp_path / "same.model")
     assert (tmp_path / "same.model").read_bytes() == base_file.read_bytes()  # round trip, bit for bit
     new = perturbed(config, variables, seed=2)
     new["constants"]["atomic_energies"][:2] += [0.25, -0.5]  # as an E0 fit does
-    run = make_run(tmp_path, base_dir, config, new)
+    run = write_stand_in_run(tmp_path / "run", base_dir, config, new)
     merged = tmp_path / "merged.model"
     export_run(run, merged)
     assert merged.stat().st_size == base_file.stat().st_size
@@ -214,7 +190,7 @@ def test_nequip_export_loads_in_nequip(tmp_path, real_frames_dir):
     save_model(base_dir, config, variables)
     config, variables = load_model(base_dir)
     new = perturbed(config, variables, seed=4)
-    run = make_run(tmp_path, base_dir, config, new)
+    run = write_stand_in_run(tmp_path / "run", base_dir, config, new)
     merged = tmp_path / "merged.ckpt"
     export_run(run, merged)
 
